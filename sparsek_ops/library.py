@@ -1,0 +1,91 @@
+"""``torch.library`` registrations: the ops, their fake (meta) kernels and their autograd.
+
+    sparsek::topk_mask(Tensor z, int k, int dim=-1) -> Tensor
+    sparsek::attention(Tensor q, Tensor k, Tensor v, Tensor u, int topk, int window,
+                       float scale, str backend="auto") -> (Tensor out, Tensor lse)
+    sparsek::attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k,
+                       Tensor v, Tensor u, Tensor out, Tensor lse, int topk, int window,
+                       float scale, str backend="auto") -> (Tensor dq, Tensor dk, Tensor dv, Tensor du)
+
+The ops do not validate their inputs (``api.py`` does, before anything runs). The attention
+autograd calls ``attention_backward``, a second op, so that both sides can be compiled and,
+later, lowered by Inductor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, projection
+from .cpu import lse_dtype
+
+
+# ---------------------------------------------------------------------------- topk_mask
+@torch.library.custom_op("sparsek::topk_mask", mutates_args=())
+def topk_mask(z: Tensor, k: int, dim: int = -1) -> Tensor:
+    return projection.topk_mask(z, k, dim)
+
+
+@topk_mask.register_fake
+def _topk_mask_fake(z: Tensor, k: int, dim: int = -1) -> Tensor:
+    return z.new_empty(z.shape)
+
+
+def _topk_mask_setup(ctx, inputs, output):
+    ctx.dim = inputs[2] if len(inputs) > 2 else -1
+    ctx.save_for_backward(output)
+
+
+def _topk_mask_backward(ctx, grad):
+    (p,) = ctx.saved_tensors
+    return projection.topk_mask_backward(p, grad, ctx.dim), None, None
+
+
+topk_mask.register_autograd(_topk_mask_backward, setup_context=_topk_mask_setup)
+
+
+# ---------------------------------------------------------------------------- attention
+@torch.library.custom_op("sparsek::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, scale: float,
+              backend: str = "auto") -> tuple[Tensor, Tensor]:
+    return backends.resolve(backend, q.device).forward(q, k, v, u, topk, window, scale)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, u, topk, window, scale, backend="auto"):
+    B, Hq, S, _ = q.shape
+    out = q.new_empty(B, Hq, S, v.shape[-1])
+    return out, q.new_empty(B, Hq, S, dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("sparsek::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                       u: Tensor, out: Tensor, lse: Tensor, topk: int, window: int, scale: float,
+                       backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backends.resolve(backend, q.device).backward(
+        grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale, backend="auto"):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), u.new_empty(u.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, u, topk, window, scale = inputs[:7]
+    ctx.args = (topk, window, scale, inputs[7] if len(inputs) > 7 else "auto")
+    ctx.save_for_backward(q, k, v, u, *output)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, u, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = torch.ops.sparsek.attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
