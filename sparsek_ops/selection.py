@@ -63,24 +63,41 @@ def candidate_counts(S: int, window: int, device=None) -> Tensor:
     return (torch.arange(S, device=device) + 1 - window).clamp_min(0)
 
 
-def _prefix_below(x: Tensor, t: Tensor, strict: bool = False, weighted: bool = True):
-    """For every prefix length ``n = 0..S``: how many ``l < n`` have ``x[l] <= t[n]``
+class _Points:
+    """Points (position l, value x_l) of every row, stored sorted by value: xs [R, S] ascending,
+    pos [R, S] their positions. Sorted values make each ``searchsorted`` below walk the
+    thresholds in order, about 2.5x faster than random values on CPU."""
+
+    def __init__(self, xs: Tensor, pos: Tensor):
+        self.xs, self.pos = xs.contiguous(), pos
+
+    @classmethod
+    def of(cls, x: Tensor) -> "_Points":
+        xs, pos = torch.sort(x, dim=1)
+        return cls(xs, pos)
+
+    def shifted(self, delta: float) -> "_Points":
+        return _Points(self.xs + delta, self.pos)
+
+
+def _prefix_below(pts: _Points, t: Tensor, strict: bool = False, weighted: bool = True):
+    """For every prefix length ``n = 0..S``: how many points ``l < n`` have ``x[l] <= t[n]``
     (``< t[n]`` if ``strict``), and the sum of those ``x[l]``.
 
-    x: [R, S] values at positions 0..S-1; t: [R, S+1] thresholds, non-decreasing in n.
-    Since t is monotone, point l is counted by exactly the n >= max(l + 1, first n whose
-    threshold admits it): one searchsorted per point, then a histogram and a cumsum.
+    t: [R, S+1] thresholds, non-decreasing in n. Since t is monotone, point l is counted by
+    exactly the n >= max(l + 1, first n whose threshold admits it): one searchsorted per
+    point, then a histogram and a cumsum. This is the whole trick of the selection.
     Returns (count [R, S+1] int64, sum [R, S+1] of x.dtype or None).
     """
-    R, S = x.shape
-    first = torch.searchsorted(t, x.contiguous(), right=strict)
-    start = torch.maximum(first, torch.arange(1, S + 1, device=x.device))
-    count = torch.zeros(R, S + 2, dtype=torch.long, device=x.device)
+    R, S = pts.xs.shape
+    first = torch.searchsorted(t, pts.xs, right=strict)
+    start = torch.maximum(first, pts.pos + 1)
+    count = torch.zeros(R, S + 2, dtype=torch.long, device=t.device)
     count.scatter_add_(1, start, torch.ones_like(start))
     count = count.cumsum(1)[:, : S + 1]
     if not weighted:
         return count, None
-    total = x.new_zeros(R, S + 2).scatter_add_(1, start, x)
+    total = pts.xs.new_zeros(R, S + 2).scatter_add_(1, start, pts.xs)
     return count, total.cumsum(1)[:, : S + 1]
 
 
@@ -88,15 +105,15 @@ def _prefix_sums(x: Tensor) -> Tensor:
     return torch.cat([x.new_zeros(x.shape[0], 1), x.cumsum(1)], 1)
 
 
-def _soft_count(u: Tensor, um1: Tensor, cs_u: Tensor, cs_m: Tensor, n: Tensor, t: Tensor) -> Tensor:
+def _soft_count(pu: _Points, pm: _Points, cs_u: Tensor, cs_m: Tensor, n: Tensor, t: Tensor) -> Tensor:
     """``f_n(t_n) = sum_{l < n} clip(u_l - t_n, 0, 1)`` for every n (t non-decreasing in n),
     written as ``G(u) - G(u - 1)`` with ``G(x) = sum_{l < n, x_l > t} (x_l - t)``."""
 
-    def G(x, cs):
-        cnt_le, sum_le = _prefix_below(x, t)
+    def G(pts, cs):
+        cnt_le, sum_le = _prefix_below(pts, t)
         return (cs - sum_le) - t * (n - cnt_le)
 
-    return G(u, cs_u) - G(um1, cs_m)
+    return G(pu, cs_u) - G(pm, cs_m)
 
 
 def _reverse_cummin(x: Tensor) -> Tensor:
@@ -121,7 +138,9 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
         return tau
     um1 = u - 1
     cs_u, cs_m = _prefix_sums(u), _prefix_sums(um1)
-    bps = torch.cat([um1, u], 1).sort(1).values.contiguous()  # [R, P], P = 2S
+    pu = _Points.of(u)
+    pm = pu.shifted(-1.0)
+    bps = torch.cat([pm.xs, pu.xs], 1).sort(1).values.contiguous()  # [R, P], P = 2S
     P = 2 * S
     small = n <= k  # |C| <= k: every candidate kept, nothing to search
     # Invariant for n > k: f_n(bps[lo]) >= k > f_n(bps[hi]). Holds initially: f_n(min u - 1) = n > k
@@ -131,7 +150,7 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
     hi[:, small] = 1
     for _ in range(P.bit_length()):
         mid = (lo + hi) // 2  # non-decreasing in n, so bps[mid] is too
-        ok = _soft_count(u, um1, cs_u, cs_m, n, bps.gather(1, mid)) >= k - F_SLACK
+        ok = _soft_count(pu, pm, cs_u, cs_m, n, bps.gather(1, mid)) >= k - F_SLACK
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
         lo[:, small], hi[:, small] = 0, 1
@@ -139,10 +158,10 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
         lo = lo.cummax(1).values
         hi = _reverse_cummin(hi)
     b_lo, b_hi = bps.gather(1, lo), bps.gather(1, lo + 1)
-    f_lo = _soft_count(u, um1, cs_u, cs_m, n, b_lo)
+    f_lo = _soft_count(pu, pm, cs_u, cs_m, n, b_lo)
     # |F| on the open interval (b_lo, b_hi): prefix entries with u >= b_hi but u - 1 < b_hi.
-    below_u, _ = _prefix_below(u, b_hi, strict=True, weighted=False)
-    below_m, _ = _prefix_below(um1, b_hi, strict=True, weighted=False)
+    below_u, _ = _prefix_below(pu, b_hi, strict=True, weighted=False)
+    below_m, _ = _prefix_below(pm, b_hi, strict=True, weighted=False)
     found = solve_in_bracket(b_lo, f_lo, below_m - below_u, k, b_hi)
     return torch.where(small, tau, found).cummax(1).values
 
@@ -155,8 +174,9 @@ def prefix_fractional_counts(u: Tensor, tau: Tensor) -> Tensor:
     consistent when a score sits exactly on a kink (a plateau of f, or ties).
     u: [R, S] finite; tau: [R, S+1] non-decreasing, not NaN.
     """
-    at_most_tau, _ = _prefix_below(u, tau, strict=False, weighted=False)
-    below_tau1, _ = _prefix_below(u, tau + 1, strict=True, weighted=False)
+    pu = _Points.of(u)
+    at_most_tau, _ = _prefix_below(pu, tau, strict=False, weighted=False)
+    below_tau1, _ = _prefix_below(pu, tau + 1, strict=True, weighted=False)
     return below_tau1 - at_most_tau
 
 
@@ -181,7 +201,9 @@ def prefix_kth_rank(rank: Tensor, k: int) -> Tensor:
     # Smallest R with #{l < n : rank_l <= R} >= k. Invariant: answer in [lo, hi].
     lo = torch.zeros(R, S + 1, dtype=torch.long, device=dev)
     hi = torch.full((R, S + 1), S - 1, dtype=torch.long, device=dev)
-    neg_rank = -rank
+    # Points (l, -rank_l) sorted by value: rank S-1 first, i.e. positions in reverse rank order.
+    order = torch.empty_like(rank).scatter_(1, rank, torch.arange(S, device=dev).expand_as(rank).contiguous())
+    neg_rank = _Points(torch.arange(-(S - 1), 1, device=dev).expand(R, S), order.flip(1))
     for _ in range(S.bit_length()):
         lo[:, small] = S - 1
         mid = (lo + hi) // 2  # non-increasing in n, so -mid is non-decreasing
