@@ -137,28 +137,33 @@ class _Selected:
     k, v [nc, L, E]      gathered keys and values
     """
 
-    def __init__(self, plan: _Plan, sel: Selection, lists: Tensor, u: Tensor, f0: int, f1: int,
-                 krows: Tensor, vrows: Tensor):
-        S, BM, nc = plan.S, plan.BM, f1 - f0
-        qpos = plan.query_pos(f0, f1)[:, None, :, None]  # [nc, 1, BM, 1]
+    def __init__(self, plan: _Plan, x: "_Inputs", f0: int, f1: int):
+        S, BM, nc, sel = plan.S, plan.BM, f1 - f0, x.sel
+        qpos = plan.query_pos(f0, f1)
         r = plan.row_of(f0, f1)[:, None]
-        sp = lists[f0:f1]  # [nc, L], -1 for padding
+        sp = x.lists[f0:f1]  # [nc, L], -1 for padding
         pad = sp < 0
         flat = r * S + sp.clamp(0, S - 1)  # index into [R * S] tensors
         self.idx = (r * (S + 1) + torch.where(pad, S, sp)).view(-1)
-        start = torch.where(pad, S + plan.window + 1, sp + plan.window)
-        self.bad = (qpos < start[:, None, None, :]) | (qpos >= sel.evict.view(-1)[flat][:, None, None, :])
-        self.u = u.view(-1)[flat][:, None, None, :]
-        qflat = r * S + plan.query_pos(f0, f1).clamp_max(S - 1)
-        self.tau = sel.tau.view(-1)[qflat].to(u.dtype)[:, None, :, None]
-        # tau = -inf (every candidate kept) gives u - tau = inf, so weight 1, as it should.
-        self.p = (self.u - self.tau).clamp_(0, 1)
-        self.k = krows.index_select(0, self.idx).view(nc, -1, krows.shape[-1])
-        self.v = vrows.index_select(0, self.idx).view(nc, -1, vrows.shape[-1])
+        start = torch.where(pad, S + plan.window + 1, sp + plan.window)[:, None, None, :]
+        stop = sel.evict.view(-1)[flat][:, None, None, :]
+        qp = qpos[:, None, :, None]
+        self.bad = (qp < start) | (qp >= stop)
+        self.u64 = x.u64.view(-1)[flat][:, None, None, :]  # [nc, 1, 1, L]
+        self.tau64 = sel.tau.view(-1)[r * S + qpos.clamp_max(S - 1)][:, None, :, None]  # [nc, 1, BM, 1]
+        # Weights in the compute dtype, but from scores shifted by the block's first tau, so that
+        # large scores keep their precision near the threshold. tau = -inf (every candidate kept)
+        # gives u - tau = inf, so weight 1, as it should.
+        shift = torch.nan_to_num(self.tau64[:, :, :1], neginf=0.0)
+        ct = x.ct
+        self.p = ((self.u64 - shift).to(ct) - (self.tau64 - shift).to(ct)).clamp_(0, 1)
+        self.k = x.krows.index_select(0, self.idx).view(nc, -1, x.krows.shape[-1])
+        self.v = x.vrows.index_select(0, self.idx).view(nc, -1, x.vrows.shape[-1])
 
     def fractional(self) -> Tensor:
-        """[nc, 1, BM, L]: selected and ``tau < u < tau + 1`` (the test of selection.py)."""
-        return ~self.bad & (self.u > self.tau) & (self.u < self.tau + 1)
+        """[nc, 1, BM, L]: selected and ``tau < u < tau + 1``, in float64: the very test of
+        ``selection.prefix_fractional_counts``, so |F| and the pairs in F always agree."""
+        return ~self.bad & (self.u64 > self.tau64) & (self.u64 < self.tau64 + 1)
 
 
 class _Logits:
@@ -207,7 +212,7 @@ class _Inputs:
             self.sel = select(u, topk, plan.window, plan.BM)
             lists = F.pad(self.sel.block_index, (0, 0, 0, plan.NBp - plan.NB), value=-1)
             self.lists = lists.reshape(plan.F, plan.L)
-        self.u = u.detach().reshape(plan.R, plan.S).to(torch.float64 if ct == torch.float64 else torch.float32).contiguous()
+        self.u64 = u.detach().reshape(plan.R, plan.S).to(torch.float64).contiguous()
         self.qs = plan.blocks(q, ct) * scale
         self.krows, self.vrows = plan.rows(k, ct), plan.rows(v, ct)
         if plan.Wn:
@@ -217,7 +222,7 @@ class _Inputs:
     def chunk(self, plan: _Plan, f0: int, f1: int):
         part = None
         if plan.L:
-            part = _Selected(plan, self.sel, self.lists, self.u, f0, f1, self.krows, self.vrows)
+            part = _Selected(plan, self, f0, f1)
         kw = plan.spans(self.kbuf, f0, f1) if plan.Wn else None
         lg = _Logits(plan, self.qs[f0:f1], part, kw, self.band if plan.Wn else None, f0, f1)
         return part, kw, lg
@@ -318,7 +323,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     du = du.view(R, S)
     if L:
         cq = c.view(R, plan.NBp * BM)[:, :S]
-        du = du - _fractional_share(x.sel, x.u.to(torch.float64), cq, window)
+        du = du - _fractional_share(x.sel, x.u64, cq, window)
     dq = plan.unblocks(dq).to(q.dtype).contiguous()
     return (dq, dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
             du.reshape(u.shape).to(u.dtype).contiguous())
