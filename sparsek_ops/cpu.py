@@ -36,6 +36,7 @@ from .selection import Selection, select
 
 BLOCK_M = 64
 WORKSPACE = 1 << 20
+FUSED = True  # forward through ATen's fused CPU attention where it exists (cpu_fused.py)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +51,12 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _Plan:
     """Sizes of one call and the moves between the [B, H, S, E] layout and the block layout
-    ``[R * NBp, G * BM, E]`` (block f = r * NBp + b holds queries b*BM .. b*BM+BM-1 of row r)."""
+    ``[R * NBp, G * BM, E]`` (block f = r * NBp + b holds queries b*BM .. b*BM+BM-1 of row r).
+
+    Keys and values live in one flat, zero-padded buffer per call (``buffer``): row r's position
+    j sits at ``r * P + left + j`` (``P = NBp * BM``, ``left = window - 1``), so that the window
+    span of block f starts exactly at ``f * BM``, and the last row of the buffer is a zero row
+    that padding slots gather."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, topk: int, window: int, block_m: int):
         self.B, self.Hq, self.S, self.D = q.shape
@@ -60,39 +66,65 @@ class _Plan:
         self.BM = block_m
         self.NB = -(-self.S // block_m)
         self.window = window
+        self.left = max(window - 1, 0)
         self.L = min(topk + block_m, self.S) if topk > 0 else 0
         self.Wn = window + block_m - 1 if window > 0 else 0
-        # Dummy blocks at the end of each row give the span buffer room for the left padding.
-        self.NBp = self.NB + (-(-(window - 1) // block_m) if window > 1 else 0)
+        # Dummy blocks at the end of each row give the buffer room for the left padding.
+        self.NBp = self.NB + -(-self.left // block_m)
+        self.P = self.NBp * block_m
         self.F = self.R * self.NBp
+        self.zero_row = self.F * block_m + self.Wn
         per_block = self.G * self.BM * max(self.L + self.Wn, 1)
         self.chunk = max(1, WORKSPACE // per_block)
         self.device = q.device
 
-    def blocks(self, x: Tensor, dtype: torch.dtype, fill: float = 0.0) -> Tensor:
-        """[B, Hq, S, E] -> [F, G * BM, E]; padded queries and dummy blocks hold ``fill``."""
-        x = F.pad(x.to(dtype), (0, 0, 0, self.NBp * self.BM - self.S), value=fill)
-        x = x.view(self.B, self.Hkv, self.G, self.NBp, self.BM, -1).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(self.F, self.G * self.BM, -1)
+    def blocks(self, x: Tensor, dtype: torch.dtype, fill: float = 0.0, scale: float | None = None) -> Tensor:
+        """[B, Hq, S, E] -> [F, G * BM, E] in one copy (times ``scale`` if given). Padding queries
+        of the last real block hold ``fill``; dummy blocks are never read and left unset."""
+        B, Hkv, G, NB, BM, S = self.B, self.Hkv, self.G, self.NB, self.BM, self.S
+        E = x.shape[-1]
+        out = torch.empty((self.F, G * BM, E), dtype=dtype, device=x.device)
+        dst = out.view(B, Hkv, self.NBp, G, BM, E)
+        src = x.view(B, Hkv, G, S, E)
+        full = S // BM
+        parts = [(dst[:, :, :full], src[:, :, :, : full * BM].reshape(B, Hkv, G, full, BM, E).transpose(2, 3))]
+        tail = S - full * BM
+        if tail:
+            parts.append((dst[:, :, full, :, :tail], src[:, :, :, full * BM:]))
+            dst[:, :, full, :, tail:] = fill
+        for d, sv in parts:
+            if scale is None:
+                d.copy_(sv)
+            else:
+                torch.mul(sv, scale, out=d)
+        return out
 
-    def unblocks(self, x: Tensor) -> Tensor:
-        """[F, G * BM, E] -> [B, Hq, S, E]."""
-        x = x.view(self.B, self.Hkv, self.NBp, self.G, self.BM, -1)[:, :, : self.NB]
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(self.B, self.Hq, self.NB * self.BM, -1)
-        return x[:, :, : self.S]
+    def put(self, dst: Tensor, f0: int, f1: int, val: Tensor) -> None:
+        """Write the blocks f0 .. f1-1 of one row (``val [nc, G * BM, E]``) into ``dst [B, Hq, S, E]``."""
+        r, b0 = divmod(f0, self.NBp)
+        nc, G, BM = f1 - f0, self.G, self.BM
+        n = min(self.S - b0 * BM, nc * BM)
+        val = val.view(nc, G, BM, -1).transpose(0, 1).reshape(G, nc * BM, -1)[:, :n]
+        dst.view(self.R, G, self.S, -1)[r, :, b0 * BM: b0 * BM + n] = val
 
-    def rows(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """[B, Hkv, S, E] -> [R * (S + 1), E]: row r, position j at r * (S + 1) + j, and a zero
-        row at j = S that padded gathers read."""
-        x = x.to(dtype).reshape(self.R, self.S, -1)
-        return torch.cat([x, x.new_zeros(self.R, 1, x.shape[-1])], 1).view(self.R * (self.S + 1), -1)
+    def buffer(self, x: Tensor, dtype: torch.dtype, width: int | None = None) -> Tensor:
+        """[B, Hkv, S, E] -> the flat buffer [F * BM + Wn + 1, width] (zeros around the data,
+        columns past E zero too)."""
+        E = x.shape[-1]
+        width = width or E
+        buf = torch.empty((self.zero_row + 1, width), dtype=dtype, device=x.device)
+        rows = buf[: self.F * self.BM].view(self.R, self.P, width)
+        rows[:, : self.left] = 0
+        rows[:, self.left + self.S:] = 0
+        rows[:, self.left: self.left + self.S, :E] = x.reshape(self.R, self.S, E)
+        if width > E:
+            rows[:, self.left: self.left + self.S, E:] = 0
+        buf[self.F * self.BM:] = 0
+        return buf
 
-    def span_buffer(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """[B, Hkv, S, E] -> flat [F * BM + Wn, E]: row r's positions j at r * NBp * BM + window - 1 + j,
-        zeros around them."""
-        x = x.to(dtype).reshape(self.R, self.S, -1)
-        x = F.pad(x, (0, 0, self.window - 1, self.NBp * self.BM - self.S - self.window + 1))
-        return F.pad(x.reshape(self.F * self.BM, -1), (0, 0, 0, self.Wn))
+    def index(self, r: Tensor, j: Tensor) -> Tensor:
+        """Buffer rows of positions j (< 0: padding, read as the zero row) of rows r."""
+        return torch.where(j >= 0, r * self.P + self.left + j, self.zero_row)
 
     def spans(self, buf: Tensor, f0: int, f1: int) -> Tensor:
         """Spans of blocks f0 .. f1-1 as a view of ``buf``: [f1 - f0, Wn, E]. Block b of a row spans
@@ -100,10 +132,10 @@ class _Plan:
         E = buf.shape[-1]
         return buf[f0 * self.BM:].as_strided((f1 - f0, self.Wn, E), (self.BM * E, E, 1))
 
-    def unspan(self, buf: Tensor, x: Tensor) -> Tensor:
-        """Adjoint of ``span_buffer``: flat [F * BM + Wn, E] -> [B, Hkv, S, E]."""
-        x = buf[: self.F * self.BM].view(self.R, self.NBp * self.BM, -1)
-        return x[:, self.window - 1: self.window - 1 + self.S].reshape(self.B, self.Hkv, self.S, -1)
+    def unbuffer(self, buf: Tensor) -> Tensor:
+        """Adjoint of ``buffer``: [F * BM + Wn + 1, E] -> [B, Hkv, S, E]."""
+        x = buf[: self.F * self.BM].view(self.R, self.P, -1)
+        return x[:, self.left: self.left + self.S].reshape(self.B, self.Hkv, self.S, -1)
 
     def band_bias(self, dtype: torch.dtype) -> Tensor:
         """[G * BM, Wn]: 0 where query t of a block may see span key c (``t <= c <= t + window - 1``),
@@ -124,14 +156,18 @@ class _Plan:
         return torch.div(torch.arange(f0, f1, device=self.device), self.NBp, rounding_mode="floor")
 
     def chunks(self):
-        for f0 in range(0, self.F, self.chunk):
-            yield f0, min(self.F, f0 + self.chunk)
+        """Ranges of real blocks, never crossing a row (so outputs go straight to their place)."""
+        for r in range(self.R):
+            for b0 in range(0, self.NB, self.chunk):
+                yield r * self.NBp + b0, r * self.NBp + min(self.NB, b0 + self.chunk)
 
 
 class _Selected:
-    """The selected pairs gathered by blocks f0 .. f1-1 (nc = f1 - f0 blocks).
+    """The selected pairs gathered by blocks f0 .. f1-1 (nc = f1 - f0 blocks), L = the widest
+    gather list among them (lists are compact, so the rest is padding in every block).
 
-    idx  [nc * L]        rows of the gathered pairs in ``_Plan.rows`` (the zero row for padding)
+    idx  [nc * L]        buffer rows of the gathered pairs (the zero row for padding)
+    flat [nc, L]         their index in [R * S] tensors (clamped for padding)
     p    [nc, 1, BM, L]  weights clip(u_j - tau_i, 0, 1) (not masked: masked entries get a = 0)
     bad  [nc, 1, BM, L]  True where query i does not select slot j
     k, v [nc, L, E]      gathered keys and values
@@ -139,12 +175,15 @@ class _Selected:
 
     def __init__(self, plan: _Plan, x: "_Inputs", f0: int, f1: int):
         S, BM, nc, sel = plan.S, plan.BM, f1 - f0, x.sel
+        sp = x.lists[f0:f1]
+        self.width = int((sp >= 0).sum(1).max()) if sp.numel() else 0
+        sp = sp[:, : self.width]  # [nc, L], -1 for padding
         qpos = plan.query_pos(f0, f1)
         r = plan.row_of(f0, f1)[:, None]
-        sp = x.lists[f0:f1]  # [nc, L], -1 for padding
         pad = sp < 0
         flat = r * S + sp.clamp(0, S - 1)  # index into [R * S] tensors
-        self.idx = (r * (S + 1) + torch.where(pad, S, sp)).view(-1)
+        self.flat = flat
+        self.idx = plan.index(r, sp).view(-1)
         start = torch.where(pad, S + plan.window + 1, sp + plan.window)[:, None, None, :]
         stop = sel.evict.view(-1)[flat][:, None, None, :]
         qp = qpos[:, None, :, None]
@@ -154,11 +193,19 @@ class _Selected:
         # Weights in the compute dtype, but from scores shifted by the block's first tau, so that
         # large scores keep their precision near the threshold. tau = -inf (every candidate kept)
         # gives u - tau = inf, so weight 1, as it should.
-        shift = torch.nan_to_num(self.tau64[:, :, :1], neginf=0.0)
+        shift = torch.nan_to_num(self.tau64[:, :, :1], nan=0.0, neginf=0.0)
         ct = x.ct
         self.p = ((self.u64 - shift).to(ct) - (self.tau64 - shift).to(ct)).clamp_(0, 1)
-        self.k = x.krows.index_select(0, self.idx).view(nc, -1, x.krows.shape[-1])
-        self.v = x.vrows.index_select(0, self.idx).view(nc, -1, x.vrows.shape[-1])
+        self.k = x.kbuf.index_select(0, self.idx).view(nc, -1, x.kbuf.shape[-1])[..., : plan.D]
+        self.v = x.vbuf.index_select(0, self.idx).view(nc, -1, x.vbuf.shape[-1])[..., : plan.Dv]
+
+    def logits(self, qs: Tensor, G: int) -> tuple[Tensor, Tensor]:
+        """qk [nc, G, BM, L] (q already scaled) and the masked logits ``s = qk * p`` (-inf where
+        not selected), in one pass."""
+        nc, BM = qs.shape[0], self.p.shape[2]
+        qk = torch.matmul(qs, self.k.transpose(-1, -2)).view(nc, G, BM, -1)
+        bias = torch.where(self.bad, float("-inf"), 0.0).to(self.p.dtype)
+        return qk, torch.addcmul(bias, qk, self.p)
 
     def fractional(self) -> Tensor:
         """[nc, 1, BM, L]: selected and ``tau < u < tau + 1``, in float64: the very test of
@@ -166,45 +213,44 @@ class _Selected:
         return ~self.bad & (self.u64 > self.tau64) & (self.u64 < self.tau64 + 1)
 
 
-class _Logits:
-    """Masked logits of one chunk: ``s = (scale q) . k * p`` on the selected pairs [nc, G, BM, L]
-    and ``(scale q) . k + band`` on the span [nc, G * BM, Wn]."""
+def _window_logits(plan: _Plan, x: "_Inputs", qs: Tensor, f0: int, f1: int) -> Tensor:
+    """Masked logits of the window spans of blocks f0 .. f1-1: [nc, G * BM, Wn]."""
+    kw = plan.spans(x.kbuf, f0, f1)[..., : plan.D]
+    s = torch.baddbmm(x.band, qs, kw.transpose(-1, -2))
+    kpos = (plan.query_pos(f0, f1)[:, :1] - plan.window + 1) + torch.arange(plan.Wn, device=qs.device)
+    before = kpos < 0  # span keys before position 0 (first blocks of each row only)
+    return s.masked_fill_(before[:, None, :], float("-inf"))
 
-    def __init__(self, plan: _Plan, qs: Tensor, part: _Selected | None, kw: Tensor | None,
-                 band: Tensor | None, f0: int, f1: int):
-        nc = f1 - f0
-        self.qk = self.s_sel = self.s_win = None
-        if part is not None:
-            self.qk = torch.matmul(qs, part.k.transpose(-1, -2)).view(nc, plan.G, plan.BM, -1)
-            self.s_sel = (self.qk * part.p).masked_fill_(part.bad, float("-inf"))
-        if kw is not None:
-            self.s_win = torch.baddbmm(band, qs, kw.transpose(-1, -2))
-            kpos = (plan.query_pos(f0, f1)[:, :1] - plan.window + 1) + torch.arange(plan.Wn, device=qs.device)
-            before = kpos < 0  # span keys before position 0 (first blocks of each row only)
-            self.s_win.masked_fill_(before[:, None, :], float("-inf"))
 
-    def rowmax(self) -> Tensor:
-        """[nc, G*BM, 1], the max over both parts, 0 for rows that see nothing."""
-        parts = []
-        if self.s_sel is not None:
-            parts.append(self.s_sel.amax(-1).flatten(1))
-        if self.s_win is not None:
-            parts.append(self.s_win.amax(-1))
-        m = parts[0] if len(parts) == 1 else torch.maximum(*parts)
-        return torch.where(m == float("-inf"), 0.0, m)[..., None]
+def _softmax_part(s: Tensor, v: Tensor, p: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Normalised output and lse of one part: s [nc, rows, K] logits (consumed), v [nc, K, E],
+    p an optional multiplier of the attention weights (broadcastable to s).
+    Returns (o [nc, rows, E], lse [nc, rows]); rows that see nothing get o = 0, lse = -inf."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    e = s.sub_(m).exp_()
+    den = e.sum(-1, keepdim=True)
+    if p is not None:
+        e = e.mul_(p)
+    o = torch.matmul(e.view(v.shape[0], -1, v.shape[1]), v).view(*s.shape[:-1], -1)
+    return o / torch.where(den > 0, den, 1.0), (m + torch.log(den))[..., 0]
 
-    def exp_(self, shift: Tensor) -> None:
-        """In place: s <- exp(s - shift), shift [nc, G*BM, 1]."""
-        if self.s_sel is not None:
-            self.s_sel.sub_(shift.view(self.s_sel.shape[:-1] + (1,))).exp_()
-        if self.s_win is not None:
-            self.s_win.sub_(shift).exp_()
+
+def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Combine the (o, lse) of disjoint key sets of the same queries into one softmax."""
+    if len(parts) == 1:
+        return parts[0]
+    (o1, l1), (o2, l2) = parts
+    m = torch.logaddexp(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    return o1 * w1[..., None] + o2 * w2[..., None], m
 
 
 class _Inputs:
     """Everything a chunk reads, prepared once per call."""
 
-    def __init__(self, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, scale: float):
+    def __init__(self, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, scale: float,
+                 fused: bool = False):
         ct = compute_dtype(q.dtype)
         self.ct = ct
         self.sel = self.lists = None
@@ -213,47 +259,48 @@ class _Inputs:
             lists = F.pad(self.sel.block_index, (0, 0, 0, plan.NBp - plan.NB), value=-1)
             self.lists = lists.reshape(plan.F, plan.L)
         self.u64 = u.detach().reshape(plan.R, plan.S).to(torch.float64).contiguous()
-        self.qs = plan.blocks(q, ct) * scale
-        self.krows, self.vrows = plan.rows(k, ct), plan.rows(v, ct)
+        self.qs = plan.blocks(q, ct, scale=scale)
+        # The fused window kernel wants one head size for k and v: pad both to max(D, Dv) there.
+        width = max(plan.D, plan.Dv) if fused else None
+        self.kbuf, self.vbuf = plan.buffer(k, ct, width), plan.buffer(v, ct, width)
         if plan.Wn:
-            self.kbuf, self.vbuf = plan.span_buffer(k, ct), plan.span_buffer(v, ct)
             self.band = plan.band_bias(ct)
 
-    def chunk(self, plan: _Plan, f0: int, f1: int):
-        part = None
-        if plan.L:
-            part = _Selected(plan, self, f0, f1)
-        kw = plan.spans(self.kbuf, f0, f1) if plan.Wn else None
-        lg = _Logits(plan, self.qs[f0:f1], part, kw, self.band if plan.Wn else None, f0, f1)
-        return part, kw, lg
+
+def _window_part_tiles(plan: _Plan, x: _Inputs, f0: int, f1: int) -> tuple[Tensor, Tensor]:
+    s = _window_logits(plan, x, x.qs[f0:f1], f0, f1)
+    return _softmax_part(s, plan.spans(x.vbuf, f0, f1)[..., : plan.Dv])
 
 
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, scale: float,
             block_m: int = BLOCK_M) -> tuple[Tensor, Tensor]:
-    """out [B, Hq, S, Dv] (dtype of q), lse [B, Hq, S] (``lse_dtype``). Shapes as DESIGN.md section 2."""
+    """out [B, Hq, S, Dv] (dtype of q), lse [B, Hq, S] (``lse_dtype``). Shapes as DESIGN.md section 2.
+
+    The selected pairs and the window are two softmax parts merged through their lse. On CPU
+    the window part runs in ATen's fused attention kernel (``cpu_fused.py``)."""
     plan = _Plan(q, k, v, topk, window, block_m)
+    G, BM = plan.G, plan.BM
     if plan.S == 0:
         return q.new_empty(plan.B, plan.Hq, 0, plan.Dv), q.new_empty(plan.B, plan.Hq, 0, dtype=lse_dtype(q.dtype))
-    x = _Inputs(plan, q, k, v, u, topk, scale)
-    out = x.qs.new_empty(plan.F, plan.G * plan.BM, plan.Dv)
-    lse = x.qs.new_empty(plan.F, plan.G * plan.BM, 1)
+    fused = q.device.type == "cpu" and FUSED and cpu_fused.available() and plan.Wn > 0
+    x = _Inputs(plan, q, k, v, u, topk, scale, fused)
+    window_part = cpu_fused.window_part(plan, x) if fused else _window_part_tiles
+    out = q.new_empty(plan.B, plan.Hq, plan.S, plan.Dv)
+    lse = q.new_empty(plan.B, plan.Hq, plan.S, dtype=lse_dtype(q.dtype))
     for f0, f1 in plan.chunks():
-        part, _, lg = x.chunk(plan, f0, f1)
-        m = lg.rowmax()
-        lg.exp_(m)
-        den, o = 0, None
-        if part is not None:
-            den = lg.s_sel.sum(-1).flatten(1)[..., None]
-            o = torch.matmul(lg.s_sel.mul_(part.p).view(f1 - f0, plan.G * plan.BM, -1), part.v)
+        parts = []
+        if plan.L:
+            part = _Selected(plan, x, f0, f1)
+            if part.width:
+                _, s = part.logits(x.qs[f0:f1], G)
+                o, m = _softmax_part(s, part.v, part.p)
+                parts.append((o.view(f1 - f0, G * BM, -1), m.view(f1 - f0, G * BM)))
         if plan.Wn:
-            den = den + lg.s_win.sum(-1, keepdim=True)
-            vw = plan.spans(x.vbuf, f0, f1)
-            o = torch.matmul(lg.s_win, vw) if o is None else o.baddbmm_(lg.s_win, vw)
-        torch.div(o, den, out=out[f0:f1])
-        torch.add(m, torch.log(den), out=lse[f0:f1])
-    out = plan.unblocks(out).to(q.dtype).contiguous()
-    lse = plan.unblocks(lse)[..., 0].to(lse_dtype(q.dtype)).contiguous()
+            parts.append(window_part(plan, x, f0, f1))
+        o, m = _merge(parts)
+        plan.put(out, f0, f1, o)
+        plan.put(lse[..., None], f0, f1, m[..., None])
     return out, lse
 
 
@@ -277,54 +324,48 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
         shift = shift + grad_lse.to(ct)[..., None]
     shift = plan.blocks(shift, ct)
     lseb = plan.blocks(lse[..., None], ct, fill=float("inf"))
-    dq = torch.empty_like(x.qs)
-    dk, dv = torch.zeros_like(x.krows), torch.zeros_like(x.vrows)
-    if plan.Wn:
-        dkbuf, dvbuf = torch.zeros_like(x.kbuf), torch.zeros_like(x.vbuf)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dkbuf, dvbuf = torch.zeros_like(x.kbuf), torch.zeros_like(x.vbuf)
     du = torch.zeros(R * S, dtype=torch.float64, device=q.device)
     c = torch.zeros(plan.F, BM, dtype=torch.float64, device=q.device)
-    n_frac = F.pad(x.sel.n_frac.view(R, S).clamp_min(1), (0, plan.NBp * BM - S), value=1).view(plan.F, BM) if L else None
+    if L:
+        n_frac = F.pad(x.sel.n_frac.view(R, S).clamp_min(1), (0, plan.P - S), value=1).view(plan.F, BM)
     for f0, f1 in plan.chunks():
         nc = f1 - f0
-        part, kw, lg = x.chunk(plan, f0, f1)
         qs, do, sh = x.qs[f0:f1], dob[f0:f1], shift[f0:f1]
-        lg.exp_(lseb[f0:f1])  # s -> a, the softmax weights
+        lse_c = lseb[f0:f1]
         dqc = None
-        if part is not None:
-            a = lg.s_sel
+        part = _Selected(plan, x, f0, f1) if L else None
+        if part is not None and part.width:
+            qk, a = part.logits(qs, G)
+            a = a.sub_(lse_c.view(nc, G, BM, 1)).exp_()  # the softmax weights
             dov = torch.matmul(do, part.v.transpose(-1, -2)).view_as(a)
             ds = (dov * part.p).add_(sh.view(nc, G, BM, 1)).mul_(a)  # dL/ds
             dsp = (ds * part.p).view(nc, G * BM, -1)
             dqc = torch.matmul(dsp, part.k)
-            dk.index_add_(0, part.idx, torch.matmul(dsp.transpose(-1, -2), qs).view(-1, plan.D))
+            dkbuf[:, : plan.D].index_add_(0, part.idx, torch.matmul(dsp.transpose(-1, -2), qs).view(-1, plan.D))
             ap = (a * part.p).view(nc, G * BM, -1)
-            dv.index_add_(0, part.idx, torch.matmul(ap.transpose(-1, -2), do).view(-1, plan.Dv))
-            g = a.mul_(dov).addcmul_(lg.qk, ds).sum(1, keepdim=True)  # dL/dp, GQA heads summed
+            dvbuf[:, : plan.Dv].index_add_(0, part.idx, torch.matmul(ap.transpose(-1, -2), do).view(-1, plan.Dv))
+            g = a.mul_(dov).addcmul_(qk, ds).sum(1, keepdim=True)  # dL/dp, GQA heads summed
             g = torch.where(part.fractional(), g, 0.0).to(torch.float64)[:, 0]  # [nc, BM, L]
-            r = plan.row_of(f0, f1)[:, None]
-            pos = torch.div(part.idx.view(nc, -1), S + 1, rounding_mode="floor")  # == r
-            du_idx = (part.idx.view(nc, -1) - pos * (S + 1)).clamp_max(S - 1) + r * S
-            du.index_add_(0, du_idx.view(-1), g.sum(1).view(-1))
+            du.index_add_(0, part.flat.view(-1), g.sum(1).view(-1))
             c[f0:f1] = g.sum(-1) / n_frac[f0:f1]
         if plan.Wn:
-            a = lg.s_win
-            vw = plan.spans(x.vbuf, f0, f1)
+            kw = plan.spans(x.kbuf, f0, f1)[..., : plan.D]
+            vw = plan.spans(x.vbuf, f0, f1)[..., : plan.Dv]
+            a = _window_logits(plan, x, qs, f0, f1).sub_(lse_c).exp_()
             dsw = torch.matmul(do, vw.transpose(-1, -2)).add_(sh).mul_(a)
             dqc = torch.matmul(dsw, kw) if dqc is None else dqc.baddbmm_(dsw, kw)
             rows = ((torch.arange(f0, f1, device=q.device) * BM)[:, None] + torch.arange(plan.Wn, device=q.device)).view(-1)
-            dkbuf.index_add_(0, rows, torch.matmul(dsw.transpose(-1, -2), qs).view(-1, plan.D))
-            dvbuf.index_add_(0, rows, torch.matmul(a.transpose(-1, -2), do).view(-1, plan.Dv))
-        torch.mul(dqc, scale, out=dq[f0:f1])
-    dk = dk.view(R, S + 1, -1)[:, :S].reshape(k.shape)
-    dv = dv.view(R, S + 1, -1)[:, :S].reshape(v.shape)
-    if plan.Wn:
-        dk = dk + plan.unspan(dkbuf, k)
-        dv = dv + plan.unspan(dvbuf, v)
+            dkbuf[:, : plan.D].index_add_(0, rows, torch.matmul(dsw.transpose(-1, -2), qs).view(-1, plan.D))
+            dvbuf[:, : plan.Dv].index_add_(0, rows, torch.matmul(a.transpose(-1, -2), do).view(-1, plan.Dv))
+        plan.put(dq, f0, f1, dqc.mul_(scale))
+    dk = plan.unbuffer(dkbuf)[..., : plan.D]
+    dv = plan.unbuffer(dvbuf)[..., : plan.Dv]
     du = du.view(R, S)
     if L:
-        cq = c.view(R, plan.NBp * BM)[:, :S]
+        cq = c.view(R, plan.P)[:, :S]
         du = du - _fractional_share(x.sel, x.u64, cq, window)
-    dq = plan.unblocks(dq).to(q.dtype).contiguous()
     return (dq, dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
             du.reshape(u.shape).to(u.dtype).contiguous())
 
@@ -345,3 +386,6 @@ def _fractional_share(sel: Selection, u64: Tensor, c: Tensor, window: int) -> Te
     hi = torch.searchsorted(tau, ul, right=False)  # first i with tau_i >= u_l
     cs = torch.cat([c.new_zeros(R, 1), c.cumsum(1)], 1)
     return torch.where(hi > lo, cs.gather(1, hi) - cs.gather(1, torch.minimum(lo, hi)), 0.0)
+
+
+from . import cpu_fused  # noqa: E402  (imports this module's _Plan and _Inputs)

@@ -76,9 +76,6 @@ class _Points:
         xs, pos = torch.sort(x, dim=1)
         return cls(xs, pos)
 
-    def shifted(self, delta: float) -> "_Points":
-        return _Points(self.xs + delta, self.pos)
-
 
 def _prefix_below(pts: _Points, t: Tensor, strict: bool = False, weighted: bool = True):
     """For every prefix length ``n = 0..S``: how many points ``l < n`` have ``x[l] <= t[n]``
@@ -105,15 +102,17 @@ def _prefix_sums(x: Tensor) -> Tensor:
     return torch.cat([x.new_zeros(x.shape[0], 1), x.cumsum(1)], 1)
 
 
-def _soft_count(pu: _Points, pm: _Points, cs_u: Tensor, cs_m: Tensor, n: Tensor, t: Tensor) -> Tensor:
-    """``f_n(t_n) = sum_{l < n} clip(u_l - t_n, 0, 1)`` for every n (t non-decreasing in n),
-    written as ``G(u) - G(u - 1)`` with ``G(x) = sum_{l < n, x_l > t} (x_l - t)``."""
+def _soft_count(pts: _Points, cs: Tensor, n: Tensor, t: Tensor) -> Tensor:
+    """``f_n(t_n) = sum_{l < n} clip(u_l - t_n, 0, 1)`` for every n (t [R, S+1] non-decreasing in n),
+    written as ``G(u) - G(u - 1)`` with ``G(x) = sum_{l < n, x_l > t} (x_l - t)``.
 
-    def G(pts, cs):
-        cnt_le, sum_le = _prefix_below(pts, t)
-        return (cs - sum_le) - t * (n - cnt_le)
-
-    return G(pu, cs_u) - G(pm, cs_m)
+    pts: the points of u stacked over those of u - 1 ([2R, S]); cs their prefix sums [2R, S+1].
+    Both halves go through one ``_prefix_below`` call."""
+    t2 = torch.cat([t, t])
+    cnt_le, sum_le = _prefix_below(pts, t2)
+    g = (cs - sum_le) - t2 * (n - cnt_le)
+    R = t.shape[0]
+    return g[:R] - g[R:]
 
 
 def _reverse_cummin(x: Tensor) -> Tensor:
@@ -136,11 +135,10 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
     tau = torch.full((R, S + 1), float("-inf"), dtype=u.dtype, device=dev)
     if k == 0 or S <= k:
         return tau
-    um1 = u - 1
-    cs_u, cs_m = _prefix_sums(u), _prefix_sums(um1)
+    cs = _prefix_sums(torch.cat([u, u - 1]))
     pu = _Points.of(u)
-    pm = pu.shifted(-1.0)
-    bps = torch.cat([pm.xs, pu.xs], 1).sort(1).values.contiguous()  # [R, P], P = 2S
+    pts = _Points(torch.cat([pu.xs, pu.xs - 1]), torch.cat([pu.pos, pu.pos]))  # u over u - 1
+    bps = torch.cat([pu.xs - 1, pu.xs], 1).sort(1).values.contiguous()  # [R, P], P = 2S
     P = 2 * S
     small = n <= k  # |C| <= k: every candidate kept, nothing to search
     # Invariant for n > k: f_n(bps[lo]) >= k > f_n(bps[hi]). Holds initially: f_n(min u - 1) = n > k
@@ -150,7 +148,7 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
     hi[:, small] = 1
     for _ in range(P.bit_length()):
         mid = (lo + hi) // 2  # non-decreasing in n, so bps[mid] is too
-        ok = _soft_count(pu, pm, cs_u, cs_m, n, bps.gather(1, mid)) >= k - F_SLACK
+        ok = _soft_count(pts, cs, n, bps.gather(1, mid)) >= k - F_SLACK
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
         lo[:, small], hi[:, small] = 0, 1
@@ -158,11 +156,10 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
         lo = lo.cummax(1).values
         hi = _reverse_cummin(hi)
     b_lo, b_hi = bps.gather(1, lo), bps.gather(1, lo + 1)
-    f_lo = _soft_count(pu, pm, cs_u, cs_m, n, b_lo)
+    f_lo = _soft_count(pts, cs, n, b_lo)
     # |F| on the open interval (b_lo, b_hi): prefix entries with u >= b_hi but u - 1 < b_hi.
-    below_u, _ = _prefix_below(pu, b_hi, strict=True, weighted=False)
-    below_m, _ = _prefix_below(pm, b_hi, strict=True, weighted=False)
-    found = solve_in_bracket(b_lo, f_lo, below_m - below_u, k, b_hi)
+    below, _ = _prefix_below(pts, torch.cat([b_hi, b_hi]), strict=True, weighted=False)
+    found = solve_in_bracket(b_lo, f_lo, below[R:] - below[:R], k, b_hi)
     return torch.where(small, tau, found).cummax(1).values
 
 

@@ -74,6 +74,20 @@ def test_longer_sequences(S, topk, window, block):
     check_against_reference(Problem(1, 4, 2, S, 32, 16, topk, window, torch.float32, seed=S), "torch")
 
 
+@pytest.mark.parametrize("fused,workspace", [(False, None), (True, 1), (False, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_paths_and_chunk_boundaries(monkeypatch, fused, workspace, dtype):
+    """The elementwise window tiles (the path off CPU) and one block per chunk agree with the
+    reference too."""
+    from sparsek_ops import cpu
+
+    monkeypatch.setattr(cpu, "FUSED", fused)
+    if workspace is not None:
+        monkeypatch.setattr(cpu, "WORKSPACE", workspace)
+    for i, (S, topk, window, G, D, Dv) in enumerate([(150, 9, 20, 2, 16, 24), (131, 40, 0, 3, 8, 8), (70, 0, 9, 1, 24, 8)]):
+        check_against_reference(Problem(2, 2 * G, 2, S, D, Dv, topk, window, dtype, seed=i), "torch")
+
+
 # ------------------------------------------------------------------ checks that follow from the definition
 def _inputs(S=96, Hq=4, Hkv=2, D=32, Dv=24, seed=0, dtype=torch.float64):
     return Problem(2, Hq, Hkv, S, D, Dv, 1, 1, dtype, seed=seed).make()
