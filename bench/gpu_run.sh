@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One lease on the lent GPU machine (the `device` tool), run from the repository root:
+#   bash bench/gpu_run.sh
+# Records the environment, runs the GPU tests (marker `gpu`) and the whole CPU suite on that
+# machine's torch (2.11 there: our oldest supported version), and writes every log under $OUT.
+# The GPU benchmark joins this script with the Triton kernels.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+import platform, torch, triton
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
+print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+PY
+python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+workers=$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")
+xdist=""
+python3 -c "import xdist" 2>/dev/null && xdist="-n $workers"
+OMP_NUM_THREADS=2 python3 -m pytest -q -m "not gpu" tests $xdist -p no:cacheprovider 2>&1 | tee "$OUT/cpu_tests.log" || status=1
+tail -n 3 "$OUT/gpu_tests.log" "$OUT/cpu_tests.log"
+exit $status
