@@ -35,7 +35,7 @@ from .projection import weights
 from .selection import Selection, select
 
 BLOCK_M = 64
-WORKSPACE = 1 << 20
+WORKSPACE = 1 << 21
 FUSED = True  # forward through ATen's fused CPU attention where it exists (cpu_fused.py)
 
 

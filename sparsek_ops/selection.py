@@ -72,9 +72,10 @@ class _Points:
         self.xs, self.pos = xs.contiguous(), pos
 
     @classmethod
-    def of(cls, x: Tensor) -> "_Points":
-        xs, pos = torch.sort(x, dim=1)
-        return cls(xs, pos)
+    def of(cls, x: Tensor, order: Tensor | None = None) -> "_Points":
+        """The points of x; ``order`` may give positions by descending value (as ``sort_desc``)."""
+        pos = torch.sort(x, dim=1).indices if order is None else order.flip(1)
+        return cls(x.gather(1, pos), pos)
 
 
 def _prefix_below(pts: _Points, t: Tensor, strict: bool = False, weighted: bool = True):
@@ -123,7 +124,7 @@ def _reverse_cummax(x: Tensor) -> Tensor:
     return x.flip(1).cummax(1).values.flip(1)
 
 
-def prefix_threshold(u: Tensor, k: int) -> Tensor:
+def prefix_threshold(u: Tensor, k: int, pu: _Points | None = None) -> Tensor:
     """``tau(n)`` of every prefix ``u[:, :n]``, n = 0..S: [R, S+1] float64, -inf where ``n <= k``.
 
     u: [R, S] float64, finite. Exact up to float64 rounding; tau is made exactly
@@ -136,7 +137,7 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
     if k == 0 or S <= k:
         return tau
     cs = _prefix_sums(torch.cat([u, u - 1]))
-    pu = _Points.of(u)
+    pu = _Points.of(u) if pu is None else pu
     pts = _Points(torch.cat([pu.xs, pu.xs - 1]), torch.cat([pu.pos, pu.pos]))  # u over u - 1
     bps = torch.cat([pu.xs - 1, pu.xs], 1).sort(1).values.contiguous()  # [R, P], P = 2S
     P = 2 * S
@@ -163,7 +164,7 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
     return torch.where(small, tau, found).cummax(1).values
 
 
-def prefix_fractional_counts(u: Tensor, tau: Tensor) -> Tensor:
+def prefix_fractional_counts(u: Tensor, tau: Tensor, pu: _Points | None = None) -> Tensor:
     """``|F|(n) = #{l < n : tau(n) < u_l < tau(n) + 1}`` for n = 0..S. [R, S+1] int64.
 
     This is *the* membership test of F used by every kernel: ``u > tau`` and ``u < tau + 1``,
@@ -171,15 +172,20 @@ def prefix_fractional_counts(u: Tensor, tau: Tensor) -> Tensor:
     consistent when a score sits exactly on a kink (a plateau of f, or ties).
     u: [R, S] finite; tau: [R, S+1] non-decreasing, not NaN.
     """
-    pu = _Points.of(u)
+    pu = _Points.of(u) if pu is None else pu
     at_most_tau, _ = _prefix_below(pu, tau, strict=False, weighted=False)
     below_tau1, _ = _prefix_below(pu, tau + 1, strict=True, weighted=False)
     return below_tau1 - at_most_tau
 
 
-def ranks(u: Tensor) -> Tensor:
+def sort_desc(u: Tensor) -> Tensor:
+    """Positions by descending score, ties to the earlier position. [R, S] int64."""
+    return torch.sort(u, dim=1, descending=True, stable=True).indices
+
+
+def ranks(u: Tensor, order: Tensor | None = None) -> Tensor:
     """Position of every score in the descending order, ties to the earlier position. [R, S] int64."""
-    order = torch.sort(u, dim=1, descending=True, stable=True).indices
+    order = sort_desc(u) if order is None else order
     r = torch.empty_like(order)
     r.scatter_(1, order, torch.arange(u.shape[1], device=u.device).expand_as(order).contiguous())
     return r
@@ -271,14 +277,16 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64) -> Selection:
     bad = ~torch.isfinite(u64)
     uc = torch.where(bad, 0.0, u64)
     n_i = candidate_counts(S, window, dev)
-    tau_n = prefix_threshold(uc, topk)
-    frac_n = prefix_fractional_counts(uc, tau_n)
+    order = sort_desc(uc)  # one sort serves the ranks and the staircase points
+    pts = _Points.of(uc, order)
+    tau_n = prefix_threshold(uc, topk, pts)
+    frac_n = prefix_fractional_counts(uc, tau_n, pts)
     # A non-finite score poisons every prefix that holds it.
     seen_bad = torch.cat([bad.new_zeros(B * H, 1), bad.cumsum(1) > 0], 1)
     tau_n = torch.where(seen_bad, float("nan"), tau_n)
     tau = tau_n[:, n_i]
     n_frac = frac_n[:, n_i]
-    rank = ranks(uc)
+    rank = ranks(uc, order)
     kth = prefix_kth_rank(rank, topk)
     evict = eviction(rank, kth, window) if topk > 0 else torch.arange(S, device=dev).expand(B * H, S) + window
     lists = block_lists(evict, topk, window, block_m)
