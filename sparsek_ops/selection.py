@@ -99,20 +99,44 @@ def _prefix_below(pts: _Points, t: Tensor, strict: bool = False, weighted: bool 
     return count, total.cumsum(1)[:, : S + 1]
 
 
+def _prefix_below_int(keys: Tensor, pos: Tensor, thr: Tensor, nbins: int, weights: Tensor | None = None):
+    """``_prefix_below`` for integer keys and thresholds, with no search at all.
+
+    For every n = 0..S: how many points l < n have ``keys[l] <= thr[n]``, and the sum of their
+    ``weights``. keys [R, N] in [0, nbins); pos [R, N] their positions; thr [R, S+1] non-decreasing
+    in n, in [-1, nbins). The first n admitting point l is ``#{n : thr[n] < keys[l]}``, read off a
+    histogram of the thresholds: O(S + nbins) per call.
+    """
+    R, S1 = thr.shape
+    # int32 counts: half the memory traffic of int64 (indices stay int64, as torch wants).
+    hist = torch.zeros(R, nbins + 1, dtype=torch.int32, device=thr.device)
+    hist.scatter_add_(1, thr + 1, torch.ones(thr.shape, dtype=torch.int32, device=thr.device))
+    first = hist.cumsum(1, dtype=torch.int32).gather(1, keys)  # #{n : thr[n] < key}
+    start = torch.maximum(first, pos + 1)
+    count = torch.zeros(R, S1 + 1, dtype=torch.int32, device=thr.device)
+    count.scatter_add_(1, start, torch.ones(start.shape, dtype=torch.int32, device=thr.device))
+    count = count.cumsum(1, dtype=torch.int32)[:, :S1]
+    if weights is None:
+        return count, None
+    total = weights.new_zeros(R, S1 + 1).scatter_add_(1, start, weights)
+    return count, total.cumsum(1)[:, :S1]
+
+
 def _prefix_sums(x: Tensor) -> Tensor:
     return torch.cat([x.new_zeros(x.shape[0], 1), x.cumsum(1)], 1)
 
 
-def _soft_count(pts: _Points, cs: Tensor, n: Tensor, t: Tensor) -> Tensor:
-    """``f_n(t_n) = sum_{l < n} clip(u_l - t_n, 0, 1)`` for every n (t [R, S+1] non-decreasing in n),
-    written as ``G(u) - G(u - 1)`` with ``G(x) = sum_{l < n, x_l > t} (x_l - t)``.
+def _soft_count(x: Tensor, keys: Tensor, pos: Tensor, cs: Tensor, n: Tensor, bps: Tensor, m: Tensor) -> Tensor:
+    """``f_n(t_n) = sum_{l < n} clip(u_l - t_n, 0, 1)`` at ``t_n = bps[m_n]`` for every n (m
+    non-decreasing in n), written as ``G(u) - G(u - 1)`` with ``G(x) = sum_{l < n, x_l > t} (x_l - t)``.
 
-    pts: the points of u stacked over those of u - 1 ([2R, S]); cs their prefix sums [2R, S+1].
-    Both halves go through one ``_prefix_below`` call."""
-    t2 = torch.cat([t, t])
-    cnt_le, sum_le = _prefix_below(pts, t2)
+    x: the values u stacked over u - 1 ([2R, S]); keys: their first index in bps (so that
+    ``x <= bps[m]`` iff ``key <= m``); pos: their positions; cs: prefix sums of x [2R, S+1]."""
+    t = bps.gather(1, m)
+    m2, t2 = torch.cat([m, m]), torch.cat([t, t])
+    cnt_le, sum_le = _prefix_below_int(keys, pos, m2, bps.shape[1], x)
     g = (cs - sum_le) - t2 * (n - cnt_le)
-    R = t.shape[0]
+    R = m.shape[0]
     return g[:R] - g[R:]
 
 
@@ -124,7 +148,7 @@ def _reverse_cummax(x: Tensor) -> Tensor:
     return x.flip(1).cummax(1).values.flip(1)
 
 
-def prefix_threshold(u: Tensor, k: int, pu: _Points | None = None) -> Tensor:
+def prefix_threshold(u: Tensor, k: int) -> Tensor:
     """``tau(n)`` of every prefix ``u[:, :n]``, n = 0..S: [R, S+1] float64, -inf where ``n <= k``.
 
     u: [R, S] float64, finite. Exact up to float64 rounding; tau is made exactly
@@ -136,11 +160,28 @@ def prefix_threshold(u: Tensor, k: int, pu: _Points | None = None) -> Tensor:
     tau = torch.full((R, S + 1), float("-inf"), dtype=u.dtype, device=dev)
     if k == 0 or S <= k:
         return tau
-    cs = _prefix_sums(torch.cat([u, u - 1]))
-    pu = _Points.of(u) if pu is None else pu
-    pts = _Points(torch.cat([pu.xs, pu.xs - 1]), torch.cat([pu.pos, pu.pos]))  # u over u - 1
-    bps = torch.cat([pu.xs - 1, pu.xs], 1).sort(1).values.contiguous()  # [R, P], P = 2S
+    x = torch.cat([u, u - 1])  # u over u - 1: the points whose clipped sum is f
+    cs = _prefix_sums(x)
     P = 2 * S
+    bps, perm = torch.cat([u, u - 1], 1).sort(1)  # breakpoints [R, P]; entry e of the cat sits at inv[e]
+    bps = bps.contiguous()
+    # Keys of every point: the first and one past the last index of its value in bps, so that
+    # x <= bps[m] iff key_le <= m, and x < bps[m] iff key_lt <= m (no search needed).
+    idx = torch.arange(P, device=dev).expand(R, P)
+    new = torch.ones_like(bps, dtype=torch.bool)
+    new[:, 1:] = bps[:, 1:] != bps[:, :-1]
+    run_first = torch.where(new, idx, 0).cummax(1).values
+    end = torch.ones_like(new)
+    end[:, :-1] = new[:, 1:]
+    run_next = _reverse_cummin(torch.where(end, idx + 1, P))
+    inv = torch.empty_like(perm).scatter_(1, perm, idx.contiguous())
+
+    def per_point(v):  # [R, P] by sorted index -> [2R, S] by point (u rows over u - 1 rows)
+        w = v.gather(1, inv)
+        return torch.cat([w[:, :S], w[:, S:]])
+
+    key_le, key_lt = per_point(run_first), per_point(run_next)
+    pos = torch.arange(S, device=dev).expand(2 * R, S)
     small = n <= k  # |C| <= k: every candidate kept, nothing to search
     # Invariant for n > k: f_n(bps[lo]) >= k > f_n(bps[hi]). Holds initially: f_n(min u - 1) = n > k
     # and f_n(max u) = 0.
@@ -149,7 +190,7 @@ def prefix_threshold(u: Tensor, k: int, pu: _Points | None = None) -> Tensor:
     hi[:, small] = 1
     for _ in range(P.bit_length()):
         mid = (lo + hi) // 2  # non-decreasing in n, so bps[mid] is too
-        ok = _soft_count(pts, cs, n, bps.gather(1, mid)) >= k - F_SLACK
+        ok = _soft_count(x, key_le, pos, cs, n, bps, mid) >= k - F_SLACK
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
         lo[:, small], hi[:, small] = 0, 1
@@ -157,9 +198,9 @@ def prefix_threshold(u: Tensor, k: int, pu: _Points | None = None) -> Tensor:
         lo = lo.cummax(1).values
         hi = _reverse_cummin(hi)
     b_lo, b_hi = bps.gather(1, lo), bps.gather(1, lo + 1)
-    f_lo = _soft_count(pts, cs, n, b_lo)
+    f_lo = _soft_count(x, key_le, pos, cs, n, bps, lo)
     # |F| on the open interval (b_lo, b_hi): prefix entries with u >= b_hi but u - 1 < b_hi.
-    below, _ = _prefix_below(pts, torch.cat([b_hi, b_hi]), strict=True, weighted=False)
+    below, _ = _prefix_below_int(key_lt, pos, torch.cat([lo + 1, lo + 1]), P + 1)
     found = solve_in_bracket(b_lo, f_lo, below[R:] - below[:R], k, b_hi)
     return torch.where(small, tau, found).cummax(1).values
 
@@ -204,15 +245,15 @@ def prefix_kth_rank(rank: Tensor, k: int) -> Tensor:
     # Smallest R with #{l < n : rank_l <= R} >= k. Invariant: answer in [lo, hi].
     lo = torch.zeros(R, S + 1, dtype=torch.long, device=dev)
     hi = torch.full((R, S + 1), S - 1, dtype=torch.long, device=dev)
-    # Points (l, -rank_l) sorted by value: rank S-1 first, i.e. positions in reverse rank order.
-    order = torch.empty_like(rank).scatter_(1, rank, torch.arange(S, device=dev).expand_as(rank).contiguous())
-    neg_rank = _Points(torch.arange(-(S - 1), 1, device=dev).expand(R, S), order.flip(1))
+    # rank_l <= mid_n  iff  not (S-1-rank_l <= S-2-mid_n), with keys S-1-rank and thresholds
+    # S-2-mid, which are non-decreasing in n (mid is non-increasing).
+    keys = (S - 1 - rank).contiguous()
+    pos = torch.arange(S, device=dev).expand(R, S)
     for _ in range(S.bit_length()):
         lo[:, small] = S - 1
-        mid = (lo + hi) // 2  # non-increasing in n, so -mid is non-decreasing
-        # #{l < n : rank_l <= mid} = n - #{l < n : -rank_l < -mid}
-        above, _ = _prefix_below(neg_rank, -mid, strict=True, weighted=False)
-        ok = (n - above) >= k
+        mid = (lo + hi) // 2  # non-increasing in n
+        above, _ = _prefix_below_int(keys, pos, S - 2 - mid, S)
+        ok = (n - above) >= k  # #{l < n : rank_l <= mid}
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid + 1)
         hi = hi.cummin(1).values
@@ -279,7 +320,7 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64) -> Selection:
     n_i = candidate_counts(S, window, dev)
     order = sort_desc(uc)  # one sort serves the ranks and the staircase points
     pts = _Points.of(uc, order)
-    tau_n = prefix_threshold(uc, topk, pts)
+    tau_n = prefix_threshold(uc, topk)
     frac_n = prefix_fractional_counts(uc, tau_n, pts)
     # A non-finite score poisons every prefix that holds it.
     seen_bad = torch.cat([bad.new_zeros(B * H, 1), bad.cumsum(1) > 0], 1)
