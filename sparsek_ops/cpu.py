@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .projection import weights
 from .selection import Selection, select
 
 BLOCK_M = 64

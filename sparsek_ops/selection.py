@@ -13,9 +13,12 @@ Both are monotone in ``n`` (``tau`` non-decreasing, ``kth`` non-increasing: DESI
 facts 1 and 2). We find them for all ``n`` with a *parallel binary search*: every prefix
 searches at once, and after each step the search brackets are made monotone in ``n``
 (which is valid because the answers are). Monotone thresholds turn the hard part, "sum over
-``l < n`` of the points below ``t_n``" (a 2-D dominance query), into one ``searchsorted``
-per point, a ``scatter_add`` and a ``cumsum`` (``_prefix_below``). Total O(S log^2 S)
-work and O(S) memory per head; no S x S and no S x topk tensor, no Python loop over positions.
+``l < n`` of the points below ``t_n``" (a 2-D dominance query), into finding for each point
+the first n that admits it, then a ``scatter_add`` and a ``cumsum`` (``_prefix_below``).
+Inside the searches the thresholds are integers (indices into the sorted breakpoints, or
+ranks), so that first n comes from a histogram of the thresholds, with no search at all
+(``_prefix_below_int``). O(S) work per step, O(log S) steps, O(S) memory per head;
+no S x S and no S x topk tensor, no Python loop over positions.
 
 From ``kth`` every pair gets one eviction index (fact 2): pair ``j`` is selected by exactly
 the queries ``j + window <= i < evict[j]``. From those intervals, every block of
@@ -78,29 +81,25 @@ class _Points:
         return cls(x.gather(1, pos), pos)
 
 
-def _prefix_below(pts: _Points, t: Tensor, strict: bool = False, weighted: bool = True):
+def _prefix_below(pts: _Points, t: Tensor, strict: bool = False) -> Tensor:
     """For every prefix length ``n = 0..S``: how many points ``l < n`` have ``x[l] <= t[n]``
-    (``< t[n]`` if ``strict``), and the sum of those ``x[l]``.
+    (``< t[n]`` if ``strict``). t: [R, S+1] float thresholds, non-decreasing in n.
 
-    t: [R, S+1] thresholds, non-decreasing in n. Since t is monotone, point l is counted by
-    exactly the n >= max(l + 1, first n whose threshold admits it): one searchsorted per
-    point, then a histogram and a cumsum. This is the whole trick of the selection.
-    Returns (count [R, S+1] int64, sum [R, S+1] of x.dtype or None).
+    Since t is monotone, point l is counted by exactly the n >= max(l + 1, first n whose
+    threshold admits it): one searchsorted per point, then a histogram and a cumsum.
+    Returns count [R, S+1] int64.
     """
     R, S = pts.xs.shape
     first = torch.searchsorted(t, pts.xs, right=strict)
     start = torch.maximum(first, pts.pos + 1)
     count = torch.zeros(R, S + 2, dtype=torch.long, device=t.device)
     count.scatter_add_(1, start, torch.ones_like(start))
-    count = count.cumsum(1)[:, : S + 1]
-    if not weighted:
-        return count, None
-    total = pts.xs.new_zeros(R, S + 2).scatter_add_(1, start, pts.xs)
-    return count, total.cumsum(1)[:, : S + 1]
+    return count.cumsum(1)[:, : S + 1]
 
 
 def _prefix_below_int(keys: Tensor, pos: Tensor, thr: Tensor, nbins: int, weights: Tensor | None = None):
-    """``_prefix_below`` for integer keys and thresholds, with no search at all.
+    """``_prefix_below`` for integer keys and thresholds, with no search at all, and optionally
+    the sums of weights.
 
     For every n = 0..S: how many points l < n have ``keys[l] <= thr[n]``, and the sum of their
     ``weights``. keys [R, N] in [0, nbins); pos [R, N] their positions; thr [R, S+1] non-decreasing
@@ -214,8 +213,8 @@ def prefix_fractional_counts(u: Tensor, tau: Tensor, pu: _Points | None = None) 
     u: [R, S] finite; tau: [R, S+1] non-decreasing, not NaN.
     """
     pu = _Points.of(u) if pu is None else pu
-    at_most_tau, _ = _prefix_below(pu, tau, strict=False, weighted=False)
-    below_tau1, _ = _prefix_below(pu, tau + 1, strict=True, weighted=False)
+    at_most_tau = _prefix_below(pu, tau, strict=False)
+    below_tau1 = _prefix_below(pu, tau + 1, strict=True)
     return below_tau1 - at_most_tau
 
 
