@@ -5,8 +5,9 @@ Each block of ``BLOCK_M`` queries gathers its keys once (DESIGN.md section 3, fa
 block's gather list from ``selection.py`` (at most ``topk + BLOCK_M`` selected pairs) and the
 ``window + BLOCK_M - 1`` consecutive positions its windows span. Two dense tiles per block
 and KV head, ``[G * BLOCK_M, L]`` for the selected pairs (weight ``p`` and a mask per
-(query, key)) and ``[G * BLOCK_M, Wn]`` for the span (a fixed band mask), share one softmax.
-The G query heads of a GQA group share the gathered keys.
+(query, key)) and ``[G * BLOCK_M, Wn]`` for the span (a fixed band mask), are two parts of
+one softmax, merged through their log-sum-exps. The G query heads of a GQA group share the
+gathered keys.
 
 Layout: the blocks of all rows (R = batch * kv_heads) are numbered ``f = r * NBp + b``. Each
 row is padded with a few dummy blocks so that the span of block f starts at ``f * BLOCK_M``
@@ -218,7 +219,7 @@ def _window_logits(plan: _Plan, x: "_Inputs", qs: Tensor, f0: int, f1: int) -> T
     s = torch.baddbmm(x.band, qs, kw.transpose(-1, -2))
     kpos = (plan.query_pos(f0, f1)[:, :1] - plan.window + 1) + torch.arange(plan.Wn, device=qs.device)
     before = kpos < 0  # span keys before position 0 (first blocks of each row only)
-    return s.masked_fill_(before[:, None, :], float("-inf"))
+    return s.masked_fill_(before[:, None, :], float("-inf")) if bool(before[:, 0].any()) else s
 
 
 def _softmax_part(s: Tensor, v: Tensor, p: Tensor | None = None) -> tuple[Tensor, Tensor]:

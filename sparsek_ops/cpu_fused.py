@@ -29,10 +29,11 @@ def _pad_last(x: Tensor, size: int) -> Tensor:
 
 def window_part(plan, x) -> Callable:
     """A function ``(plan, x, f0, f1) -> (o [nc, G*BM, Dv], lse [nc, G*BM])`` for the window part
-    of blocks f0 .. f1-1. The fused kernel wants one head size for q, k and v, so the span
-    buffers are padded to ``max(D, Dv)`` once here."""
+    of blocks f0 .. f1-1. The fused kernel wants one head size for q, k and v: ``x`` was built
+    with its buffers ``max(D, Dv)`` wide, and q is padded per chunk."""
     E = max(plan.D, plan.Dv)
-    kbuf, vbuf = _pad_last(x.kbuf, E), _pad_last(x.vbuf, E)
+    kbuf, vbuf = x.kbuf, x.vbuf
+    assert kbuf.shape[-1] == E and vbuf.shape[-1] == E
     G, BM = plan.G, plan.BM
 
     def part(plan, x, f0: int, f1: int) -> tuple[Tensor, Tensor]:
