@@ -35,6 +35,7 @@ from torch import Tensor
 from .selection import Selection, select
 
 BLOCK_M = 64
+SEL_BLOCKS = 2  # the selected part works on blocks of SEL_BLOCKS * BLOCK_M queries (see _Plan)
 WORKSPACE = 1 << 21
 FUSED = True  # forward through ATen's fused CPU attention where it exists (cpu_fused.py)
 
@@ -58,7 +59,8 @@ class _Plan:
     span of block f starts exactly at ``f * BM``, and the last row of the buffer is a zero row
     that padding slots gather."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, topk: int, window: int, block_m: int):
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, topk: int, window: int, block_m: int,
+                 sel_blocks: int):
         self.B, self.Hq, self.S, self.D = q.shape
         self.Hkv, self.Dv = k.shape[1], v.shape[-1]
         self.G = self.Hq // self.Hkv
@@ -67,20 +69,27 @@ class _Plan:
         self.NB = -(-self.S // block_m)
         self.window = window
         self.left = max(window - 1, 0)
-        self.L = min(topk + block_m, self.S) if topk > 0 else 0
+        # The selected pairs change slowly, so their gather lists are built for larger blocks of
+        # BS = m * BM queries (fewer gathers, larger matmuls); the window keeps BM (its span wastes
+        # BM - 1 keys per query).
+        self.m = sel_blocks
+        self.BS = self.m * block_m
+        self.NBs = -(-self.S // self.BS)
+        self.L = min(topk + self.BS, self.S) if topk > 0 else 0
         self.Wn = window + block_m - 1 if window > 0 else 0
-        # Dummy blocks at the end of each row give the buffer room for the left padding.
-        self.NBp = self.NB + -(-self.left // block_m)
+        # Dummy blocks at the end of each row: room for the last selected block and for the
+        # left padding of the buffer.
+        self.NBp = self.NBs * self.m + -(-self.left // block_m)
         self.P = self.NBp * block_m
         self.F = self.R * self.NBp
         self.zero_row = self.F * block_m + self.Wn
         per_block = self.G * self.BM * max(self.L + self.Wn, 1)
-        self.chunk = max(1, WORKSPACE // per_block)
+        self.chunk = max(1, WORKSPACE // per_block // self.m) * self.m
         self.device = q.device
 
     def blocks(self, x: Tensor, dtype: torch.dtype, fill: float = 0.0, scale: float | None = None) -> Tensor:
         """[B, Hq, S, E] -> [F, G * BM, E] in one copy (times ``scale`` if given). Padding queries
-        of the last real block hold ``fill``; dummy blocks are never read and left unset."""
+        and dummy blocks hold ``fill``."""
         B, Hkv, G, NB, BM, S = self.B, self.Hkv, self.G, self.NB, self.BM, self.S
         E = x.shape[-1]
         out = torch.empty((self.F, G * BM, E), dtype=dtype, device=x.device)
@@ -92,6 +101,7 @@ class _Plan:
         if tail:
             parts.append((dst[:, :, full, :, :tail], src[:, :, :, full * BM:]))
             dst[:, :, full, :, tail:] = fill
+        dst[:, :, NB:] = fill  # dummy blocks: read as padding of the last selected block
         for d, sv in parts:
             if scale is None:
                 d.copy_(sv)
@@ -106,6 +116,19 @@ class _Plan:
         n = min(self.S - b0 * BM, nc * BM)
         val = val.view(nc, G, BM, -1).transpose(0, 1).reshape(G, nc * BM, -1)[:, :n]
         dst.view(self.R, G, self.S, -1)[r, :, b0 * BM: b0 * BM + n] = val
+
+    def to_sel(self, x: Tensor, f0: int, f1: int) -> Tensor:
+        """Blocks f0 .. f1-1 ([F, G * BM, E] layout, f0 at a multiple of m) regrouped into the
+        selected blocks that cover them: [ceil((f1 - f0) / m), G * BS, E] (a copy)."""
+        ns = -(-(f1 - f0) // self.m)
+        x = x[f0: f0 + ns * self.m].view(ns, self.m, self.G, self.BM, -1).transpose(1, 2)
+        return x.reshape(ns, self.G * self.BS, -1)
+
+    def from_sel(self, y: Tensor, nc: int) -> Tensor:
+        """Inverse of ``to_sel``: [ns, G * BS, E] -> [nc, G * BM, E]."""
+        ns = y.shape[0]
+        y = y.view(ns, self.G, self.m, self.BM, -1).transpose(1, 2)
+        return y.reshape(ns * self.m, self.G * self.BM, -1)[:nc]
 
     def buffer(self, x: Tensor, dtype: torch.dtype, width: int | None = None) -> Tensor:
         """[B, Hkv, S, E] -> the flat buffer [F * BM + Wn + 1, width] (zeros around the data,
@@ -163,23 +186,30 @@ class _Plan:
 
 
 class _Selected:
-    """The selected pairs gathered by blocks f0 .. f1-1 (nc = f1 - f0 blocks), L = the widest
-    gather list among them (lists are compact, so the rest is padding in every block).
+    """The selected pairs gathered by the selected blocks (of BS queries) that cover window
+    blocks f0 .. f1-1 of one row: nc = ceil((f1 - f0) / m) blocks; L = the widest gather list
+    among them (lists are compact, so the rest is padding in every block).
 
+    qpos [nc, BS]        query positions (>= S for padding)
     idx  [nc * L]        buffer rows of the gathered pairs (the zero row for padding)
     flat [nc, L]         their index in [R * S] tensors (clamped for padding)
-    p    [nc, 1, BM, L]  weights clip(u_j - tau_i, 0, 1) (not masked: masked entries get a = 0)
-    bad  [nc, 1, BM, L]  True where query i does not select slot j
+    p    [nc, 1, BS, L]  weights clip(u_j - tau_i, 0, 1) (not masked: masked entries get a = 0)
+    bad  [nc, 1, BS, L]  True where query i does not select slot j
     k, v [nc, L, E]      gathered keys and values
     """
 
     def __init__(self, plan: _Plan, x: "_Inputs", f0: int, f1: int):
-        S, BM, nc, sel = plan.S, plan.BM, f1 - f0, x.sel
-        sp = x.lists[f0:f1]
+        S, BS, sel = plan.S, plan.BS, x.sel
+        r0, b0 = divmod(f0, plan.NBp)
+        sb0 = b0 // plan.m
+        nc = -(-(f1 - f0) // plan.m)
+        sb = torch.arange(sb0, sb0 + nc, device=plan.device)
+        sp = x.lists[r0 * plan.NBs + sb0: r0 * plan.NBs + sb0 + nc]
         self.width = int((sp >= 0).sum(1).max()) if sp.numel() else 0
         sp = sp[:, : self.width]  # [nc, L], -1 for padding
-        qpos = plan.query_pos(f0, f1)
-        r = plan.row_of(f0, f1)[:, None]
+        qpos = (sb * BS)[:, None] + torch.arange(BS, device=plan.device)
+        self.qpos = qpos
+        r = torch.full((nc, 1), r0, dtype=torch.long, device=plan.device)
         pad = sp < 0
         flat = r * S + sp.clamp(0, S - 1)  # index into [R * S] tensors
         self.flat = flat
@@ -189,7 +219,7 @@ class _Selected:
         qp = qpos[:, None, :, None]
         self.bad = (qp < start) | (qp >= stop)
         self.u64 = x.u64.view(-1)[flat][:, None, None, :]  # [nc, 1, 1, L]
-        self.tau64 = sel.tau.view(-1)[r * S + qpos.clamp_max(S - 1)][:, None, :, None]  # [nc, 1, BM, 1]
+        self.tau64 = sel.tau.view(-1)[r * S + qpos.clamp_max(S - 1)][:, None, :, None]  # [nc, 1, BS, 1]
         # Weights in the compute dtype, but from scores shifted by the block's first tau, so that
         # large scores keep their precision near the threshold. tau = -inf (every candidate kept)
         # gives u - tau = inf, so weight 1, as it should.
@@ -200,15 +230,15 @@ class _Selected:
         self.v = x.vbuf.index_select(0, self.idx).view(nc, -1, x.vbuf.shape[-1])[..., : plan.Dv]
 
     def logits(self, qs: Tensor, G: int) -> tuple[Tensor, Tensor]:
-        """qk [nc, G, BM, L] (q already scaled) and the masked logits ``s = qk * p`` (-inf where
-        not selected), in one pass."""
+        """qk [nc, G, BS, L] (q already scaled, ``_Plan.to_sel`` layout) and the masked logits
+        ``s = qk * p`` (-inf where not selected), in one pass."""
         nc, BM = qs.shape[0], self.p.shape[2]
         qk = torch.matmul(qs, self.k.transpose(-1, -2)).view(nc, G, BM, -1)
         bias = torch.where(self.bad, float("-inf"), 0.0).to(self.p.dtype)
         return qk, torch.addcmul(bias, qk, self.p)
 
     def fractional(self) -> Tensor:
-        """[nc, 1, BM, L]: selected and ``tau < u < tau + 1``, in float64: the very test of
+        """[nc, 1, BS, L]: selected and ``tau < u < tau + 1``, in float64: the very test of
         ``selection.prefix_fractional_counts``, so |F| and the pairs in F always agree."""
         return ~self.bad & (self.u64 > self.tau64) & (self.u64 < self.tau64 + 1)
 
@@ -255,9 +285,8 @@ class _Inputs:
         self.ct = ct
         self.sel = self.lists = None
         if plan.L:
-            self.sel = select(u, topk, plan.window, plan.BM)
-            lists = F.pad(self.sel.block_index, (0, 0, 0, plan.NBp - plan.NB), value=-1)
-            self.lists = lists.reshape(plan.F, plan.L)
+            self.sel = select(u, topk, plan.window, plan.BS)
+            self.lists = self.sel.block_index.reshape(plan.R * plan.NBs, plan.L)
         self.u64 = u.detach().reshape(plan.R, plan.S).to(torch.float64).contiguous()
         self.qs = plan.blocks(q, ct, scale=scale)
         # The fused window kernel wants one head size for k and v: pad both to max(D, Dv) there.
@@ -279,7 +308,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
 
     The selected pairs and the window are two softmax parts merged through their lse. On CPU
     the window part runs in ATen's fused attention kernel (``cpu_fused.py``)."""
-    plan = _Plan(q, k, v, topk, window, block_m)
+    plan = _Plan(q, k, v, topk, window, block_m, SEL_BLOCKS)
     G, BM = plan.G, plan.BM
     if plan.S == 0:
         return q.new_empty(plan.B, plan.Hq, 0, plan.Dv), q.new_empty(plan.B, plan.Hq, 0, dtype=lse_dtype(q.dtype))
@@ -293,9 +322,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
         if plan.L:
             part = _Selected(plan, x, f0, f1)
             if part.width:
-                _, s = part.logits(x.qs[f0:f1], G)
+                _, s = part.logits(plan.to_sel(x.qs, f0, f1), G)
                 o, m = _softmax_part(s, part.v, part.p)
-                parts.append((o.view(f1 - f0, G * BM, -1), m.view(f1 - f0, G * BM)))
+                ns = o.shape[0]
+                o = plan.from_sel(o.view(ns, G * plan.BS, -1), f1 - f0)
+                parts.append((o, plan.from_sel(m.view(ns, G * plan.BS, 1), f1 - f0)[..., 0]))
         if plan.Wn:
             parts.append(window_part(plan, x, f0, f1))
         o, m = _merge(parts)
@@ -309,7 +340,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
              out: Tensor, lse: Tensor, topk: int, window: int, scale: float,
              block_m: int = BLOCK_M) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, du, each contiguous in the shape and dtype of its input."""
-    plan = _Plan(q, k, v, topk, window, block_m)
+    plan = _Plan(q, k, v, topk, window, block_m, SEL_BLOCKS)
     R, S, G, BM, L = plan.R, plan.S, plan.G, plan.BM, plan.L
     if S == 0:
         return (torch.zeros_like(q).contiguous(), torch.zeros_like(k).contiguous(),
@@ -327,9 +358,9 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dkbuf, dvbuf = torch.zeros_like(x.kbuf), torch.zeros_like(x.vbuf)
     du = torch.zeros(R * S, dtype=torch.float64, device=q.device)
-    c = torch.zeros(plan.F, BM, dtype=torch.float64, device=q.device)
+    c = torch.zeros(R, plan.P, dtype=torch.float64, device=q.device)  # c_i by query position
     if L:
-        n_frac = F.pad(x.sel.n_frac.view(R, S).clamp_min(1), (0, plan.P - S), value=1).view(plan.F, BM)
+        n_frac = F.pad(x.sel.n_frac.view(R, S).clamp_min(1), (0, plan.P - S), value=1)
     for f0, f1 in plan.chunks():
         nc = f1 - f0
         qs, do, sh = x.qs[f0:f1], dob[f0:f1], shift[f0:f1]
@@ -337,19 +368,24 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
         dqc = None
         part = _Selected(plan, x, f0, f1) if L else None
         if part is not None and part.width:
-            qk, a = part.logits(qs, G)
-            a = a.sub_(lse_c.view(nc, G, BM, 1)).exp_()  # the softmax weights
-            dov = torch.matmul(do, part.v.transpose(-1, -2)).view_as(a)
-            ds = (dov * part.p).add_(sh.view(nc, G, BM, 1)).mul_(a)  # dL/ds
-            dsp = (ds * part.p).view(nc, G * BM, -1)
-            dqc = torch.matmul(dsp, part.k)
-            dkbuf[:, : plan.D].index_add_(0, part.idx, torch.matmul(dsp.transpose(-1, -2), qs).view(-1, plan.D))
-            ap = (a * part.p).view(nc, G * BM, -1)
-            dvbuf[:, : plan.Dv].index_add_(0, part.idx, torch.matmul(ap.transpose(-1, -2), do).view(-1, plan.Dv))
+            # The selected part works on blocks of BS queries: regroup its inputs.
+            qs_s, do_s = plan.to_sel(x.qs, f0, f1), plan.to_sel(dob, f0, f1)
+            ns, BS = qs_s.shape[0], plan.BS
+            qk, a = part.logits(qs_s, G)
+            a = a.sub_(plan.to_sel(lseb, f0, f1).view(ns, G, BS, 1)).exp_()  # the softmax weights
+            dov = torch.matmul(do_s, part.v.transpose(-1, -2)).view_as(a)
+            ds = (dov * part.p).add_(plan.to_sel(shift, f0, f1).view(ns, G, BS, 1)).mul_(a)  # dL/ds
+            dsp = (ds * part.p).view(ns, G * BS, -1)
+            dqc = plan.from_sel(torch.matmul(dsp, part.k), nc)
+            dkbuf[:, : plan.D].index_add_(0, part.idx, torch.matmul(dsp.transpose(-1, -2), qs_s).view(-1, plan.D))
+            ap = (a * part.p).view(ns, G * BS, -1)
+            dvbuf[:, : plan.Dv].index_add_(0, part.idx, torch.matmul(ap.transpose(-1, -2), do_s).view(-1, plan.Dv))
             g = a.mul_(dov).addcmul_(qk, ds).sum(1, keepdim=True)  # dL/dp, GQA heads summed
-            g = torch.where(part.fractional(), g, 0.0).to(torch.float64)[:, 0]  # [nc, BM, L]
+            g = torch.where(part.fractional(), g, 0.0).to(torch.float64)[:, 0]  # [ns, BS, L]
             du.index_add_(0, part.flat.view(-1), g.sum(1).view(-1))
-            c[f0:f1] = g.sum(-1) / n_frac[f0:f1]
+            r0 = f0 // plan.NBp
+            span = slice(int(part.qpos[0, 0]), int(part.qpos[-1, -1]) + 1)
+            c[r0, span] = (g.sum(-1) / n_frac[r0, span].view(ns, BS)).view(-1)
         if plan.Wn:
             kw = plan.spans(x.kbuf, f0, f1)[..., : plan.D]
             vw = plan.spans(x.vbuf, f0, f1)[..., : plan.Dv]
@@ -364,8 +400,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     dv = plan.unbuffer(dvbuf)[..., : plan.Dv]
     du = du.view(R, S)
     if L:
-        cq = c.view(R, plan.P)[:, :S]
-        du = du - _fractional_share(x.sel, x.u64, cq, window)
+        du = du - _fractional_share(x.sel, x.u64, c[:, :S], window)
     return (dq, dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
             du.reshape(u.shape).to(u.dtype).contiguous())
 

@@ -74,14 +74,15 @@ def test_longer_sequences(S, topk, window, block):
     check_against_reference(Problem(1, 4, 2, S, 32, 16, topk, window, torch.float32, seed=S), "torch")
 
 
-@pytest.mark.parametrize("fused,workspace", [(False, None), (True, 1), (False, 1)])
+@pytest.mark.parametrize("fused,workspace,sel_blocks", [(False, None, 2), (True, 1, 3), (False, 1, 1), (True, None, 8)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kernel_paths_and_chunk_boundaries(monkeypatch, fused, workspace, dtype):
-    """The elementwise window tiles (the path off CPU) and one block per chunk agree with the
-    reference too."""
+def test_kernel_paths_and_chunk_boundaries(monkeypatch, fused, workspace, sel_blocks, dtype):
+    """The elementwise window tiles (the path off CPU), the smallest chunks and several sizes of
+    the selected blocks agree with the reference too."""
     from sparsek_ops import cpu
 
     monkeypatch.setattr(cpu, "FUSED", fused)
+    monkeypatch.setattr(cpu, "SEL_BLOCKS", sel_blocks)
     if workspace is not None:
         monkeypatch.setattr(cpu, "WORKSPACE", workspace)
     for i, (S, topk, window, G, D, Dv) in enumerate([(150, 9, 20, 2, 16, 24), (131, 40, 0, 3, 8, 8), (70, 0, 9, 1, 24, 8)]):
