@@ -280,12 +280,12 @@ class _Inputs:
     """Everything a chunk reads, prepared once per call."""
 
     def __init__(self, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, scale: float,
-                 fused: bool = False):
+                 fused: bool = False, backward: bool = False):
         ct = compute_dtype(q.dtype)
         self.ct = ct
         self.sel = self.lists = None
         if plan.L:
-            self.sel = select(u, topk, plan.window, plan.BS)
+            self.sel = select(u, topk, plan.window, plan.BS, fractional=backward)
             self.lists = self.sel.block_index.reshape(plan.R * plan.NBs, plan.L)
         self.u64 = u.detach().reshape(plan.R, plan.S).to(torch.float64).contiguous()
         self.qs = plan.blocks(q, ct, scale=scale)
@@ -345,7 +345,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     if S == 0:
         return (torch.zeros_like(q).contiguous(), torch.zeros_like(k).contiguous(),
                 torch.zeros_like(v).contiguous(), torch.zeros_like(u).contiguous())
-    x = _Inputs(plan, q, k, v, u, topk, scale)
+    x = _Inputs(plan, q, k, v, u, topk, scale, backward=True)
     ct = x.ct
     dob = plan.blocks(grad_out, ct)
     # Per query row: dlse - delta (delta = do . o), and lse; padded rows get lse = +inf, so that

@@ -45,7 +45,7 @@ class Selection:
     """Selection of one call, for ``R = batch * kv_heads`` rows of ``S`` positions.
 
     tau:         [R, S] float64, threshold of query i (-inf: all candidates kept, NaN: poisoned)
-    n_frac:      [R, S] int64, |F_i|, the number of fractional candidates of query i
+    n_frac:      [R, S] int64, |F_i|, the number of fractional candidates of query i (or None)
     evict:       [R, S] int64, pair j is selected by queries ``j + window <= i < evict[j]``
                  (``evict[j] = j + window``: never selected; ``>= S``: selected at the end)
     block_index: [R, NB, L] int64, positions gathered by each block of ``block_m`` queries,
@@ -306,10 +306,11 @@ def block_lists(evict: Tensor, topk: int, window: int, block_m: int) -> Tensor:
     return out.view(R, NB, L)
 
 
-def select(u: Tensor, topk: int, window: int, block_m: int = 64) -> Selection:
+def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: bool = True) -> Selection:
     """The whole selection for scores ``u [B, H, S]`` (any float dtype; computed in float64).
 
-    Returns a :class:`Selection` whose tensors have ``R = B * H`` rows.
+    Returns a :class:`Selection` whose tensors have ``R = B * H`` rows. ``fractional=False``
+    skips ``n_frac`` (None then), which only the backward needs.
     """
     B, H, S = u.shape
     dev = u.device
@@ -318,14 +319,11 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64) -> Selection:
     uc = torch.where(bad, 0.0, u64)
     n_i = candidate_counts(S, window, dev)
     order = sort_desc(uc)  # one sort serves the ranks and the staircase points
-    pts = _Points.of(uc, order)
     tau_n = prefix_threshold(uc, topk)
-    frac_n = prefix_fractional_counts(uc, tau_n, pts)
+    n_frac = prefix_fractional_counts(uc, tau_n, _Points.of(uc, order))[:, n_i] if fractional else None
     # A non-finite score poisons every prefix that holds it.
     seen_bad = torch.cat([bad.new_zeros(B * H, 1), bad.cumsum(1) > 0], 1)
-    tau_n = torch.where(seen_bad, float("nan"), tau_n)
-    tau = tau_n[:, n_i]
-    n_frac = frac_n[:, n_i]
+    tau = torch.where(seen_bad, float("nan"), tau_n)[:, n_i]
     rank = ranks(uc, order)
     kth = prefix_kth_rank(rank, topk)
     evict = eviction(rank, kth, window) if topk > 0 else torch.arange(S, device=dev).expand(B * H, S) + window
