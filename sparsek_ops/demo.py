@@ -1,7 +1,7 @@
 """The main job (for now): run SPARSEK attention, check it against the float64 reference, and
 time it next to dense causal attention (SDPA) on the same machine.
 
-    python -m sparsek_ops.demo [--seq 4096] [--topk 256] [--window 256] [--heads 8] [--dim 64]
+    python -m sparsek_ops.demo [--seq 16384] [--topk 256] [--window 256] [--heads 8] [--dim 64]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _time(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq", type=int, default=4096, help="sequence length of the timing run")
+    ap.add_argument("--seq", type=int, default=16384, help="sequence length of the timing run")
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
