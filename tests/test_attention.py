@@ -16,7 +16,7 @@ BACKENDS = ["torch"]
 
 
 @st.composite
-def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_s=160, device="cpu"):
+def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_s=320, device="cpu"):
     Hkv = draw(st.integers(1, 2))
     G = draw(st.sampled_from([1, 2, 3, 4, 8]))
     S = draw(st.integers(1, max_s))
