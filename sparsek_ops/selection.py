@@ -45,7 +45,7 @@ class Selection:
     """Selection of one call, for ``R = batch * kv_heads`` rows of ``S`` positions.
 
     tau:         [R, S] float64, threshold of query i (-inf: all candidates kept, NaN: poisoned)
-    n_frac:      [R, S] int64, |F_i|, the number of fractional candidates of query i (or None)
+    n_frac:      [R, S] int32, |F_i|, the number of fractional candidates of query i (or None)
     evict:       [R, S] int64, pair j is selected by queries ``j + window <= i < evict[j]``
                  (``evict[j] = j + window``: never selected; ``>= S``: selected at the end)
     block_index: [R, NB, L] int64, positions gathered by each block of ``block_m`` queries,
@@ -87,14 +87,23 @@ def _prefix_below(pts: _Points, t: Tensor, strict: bool = False) -> Tensor:
 
     Since t is monotone, point l is counted by exactly the n >= max(l + 1, first n whose
     threshold admits it): one searchsorted per point, then a histogram and a cumsum.
-    Returns count [R, S+1] int64.
+    Returns count [R, S+1] int32.
     """
-    R, S = pts.xs.shape
     first = torch.searchsorted(t, pts.xs, right=strict)
-    start = torch.maximum(first, pts.pos + 1)
-    count = torch.zeros(R, S + 2, dtype=torch.long, device=t.device)
-    count.scatter_add_(1, start, torch.ones_like(start))
-    return count.cumsum(1)[:, : S + 1]
+    return _admitted(torch.maximum(first, pts.pos + 1), t.shape[1])[0]
+
+
+def _admitted(start: Tensor, S1: int, weights: Tensor | None = None):
+    """Point l is counted by every n >= start[l]: for n = 0 .. S1-1, how many points are counted
+    (int32), and the sum of their weights. A histogram of ``start`` and a cumsum."""
+    R = start.shape[0]
+    count = torch.zeros(R, S1 + 1, dtype=torch.int32, device=start.device)
+    count.scatter_add_(1, start, torch.ones(start.shape, dtype=torch.int32, device=start.device))
+    count = count.cumsum(1, dtype=torch.int32)[:, :S1]
+    if weights is None:
+        return count, None
+    total = weights.new_zeros(R, S1 + 1).scatter_add_(1, start, weights)
+    return count, total.cumsum(1)[:, :S1]
 
 
 def _prefix_below_int(keys: Tensor, pos: Tensor, thr: Tensor, nbins: int, weights: Tensor | None = None):
@@ -111,14 +120,7 @@ def _prefix_below_int(keys: Tensor, pos: Tensor, thr: Tensor, nbins: int, weight
     hist = torch.zeros(R, nbins + 1, dtype=torch.int32, device=thr.device)
     hist.scatter_add_(1, thr + 1, torch.ones(thr.shape, dtype=torch.int32, device=thr.device))
     first = hist.cumsum(1, dtype=torch.int32).gather(1, keys)  # #{n : thr[n] < key}
-    start = torch.maximum(first, pos + 1)
-    count = torch.zeros(R, S1 + 1, dtype=torch.int32, device=thr.device)
-    count.scatter_add_(1, start, torch.ones(start.shape, dtype=torch.int32, device=thr.device))
-    count = count.cumsum(1, dtype=torch.int32)[:, :S1]
-    if weights is None:
-        return count, None
-    total = weights.new_zeros(R, S1 + 1).scatter_add_(1, start, weights)
-    return count, total.cumsum(1)[:, :S1]
+    return _admitted(torch.maximum(first, pos + 1), S1, weights)
 
 
 def _prefix_sums(x: Tensor) -> Tensor:
@@ -205,7 +207,7 @@ def prefix_threshold(u: Tensor, k: int) -> Tensor:
 
 
 def prefix_fractional_counts(u: Tensor, tau: Tensor, pu: _Points | None = None) -> Tensor:
-    """``|F|(n) = #{l < n : tau(n) < u_l < tau(n) + 1}`` for n = 0..S. [R, S+1] int64.
+    """``|F|(n) = #{l < n : tau(n) < u_l < tau(n) + 1}`` for n = 0..S. [R, S+1] int32.
 
     This is *the* membership test of F used by every kernel: ``u > tau`` and ``u < tau + 1``,
     with ``tau + 1`` rounded once in float64. Using one test everywhere keeps the score gradient
