@@ -10,6 +10,7 @@ time, so a backend is an argument of the op (it travels into the backward and th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,3 +60,18 @@ def resolve(name: str, device: torch.device) -> Backend:
 
 register(Backend("torch", cpu.forward, cpu.backward, None,
                  "PyTorch block kernels (sparsek_ops/cpu.py); any device"))
+
+
+def _register_triton() -> None:
+    """Backend "triton": the Triton forward (sparsek_ops/kernels), and for now the PyTorch
+    backward. CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set before import."""
+    try:
+        from .kernels import forward as triton_forward
+    except ImportError:  # no triton on this platform: the backend is simply not offered
+        return
+    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    register(Backend("triton", triton_forward.forward, cpu.backward, devices,
+                     "Triton forward (sparsek_ops/kernels), PyTorch backward"))
+
+
+_register_triton()
