@@ -24,6 +24,20 @@ from ..selection import select
 
 
 @triton.jit
+def _softmax_step(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
+    """One step of the online softmax over a tile of logits s [BM, BN] (-inf: not attended):
+    the running max m_i, sum l_i and output acc, with the weights multiplied by w (p, or 1)
+    before they meet the values v [BN, DV]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    e = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(e, 1)
+    acc = acc * alpha[:, None] + tl.dot(e * w, v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _sparsek_fwd(
     Q, K, V, U, TAU, EVICT, LISTS, OUT, LSE,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
@@ -73,13 +87,7 @@ def _sparsek_fwd(
         ok = valid[None, :] & (jc[None, :] + window <= offs_m[:, None]) & (offs_m[:, None] < stop[None, :])
         s = tl.dot(q, tl.trans(kj), input_precision=PRECISION) * p
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        e = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(e, 1)
-        acc = acc * alpha[:, None] + tl.dot(e * p, vj, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, p, vj, PRECISION)
     # Window span of this block: positions pid_m*BM - window + 1 .. pid_m*BM + BM - 1.
     if window > 0:
         lo = pid_m * BM - window + 1
@@ -94,13 +102,7 @@ def _sparsek_fwd(
             ok = valid[None, :] & (pos[None, :] <= offs_m[:, None]) & (pos[None, :] > offs_m[:, None] - window)
             s = tl.dot(q, tl.trans(kj), input_precision=PRECISION)
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            e = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(e, 1)
-            acc = acc * alpha[:, None] + tl.dot(e, vj, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, 1.0, vj, PRECISION)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     tl.store(OUT + b * sob + hq * soh + offs_m[:, None] * sos + offs_dv[None, :] * sod,
