@@ -2,8 +2,8 @@
 # One lease on the lent GPU machine (the `device` tool), run from the repository root:
 #   bash bench/gpu_run.sh
 # Records the environment, runs the GPU tests (marker `gpu`) and the whole CPU suite on that
-# machine's torch (2.11 there: our oldest supported version), and writes every log under $OUT.
-# The GPU benchmark joins this script with the Triton kernels.
+# machine's torch (2.11 there: our oldest supported version), then the GPU benchmark
+# (bench/gpu_bench.py), and writes every log under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -20,5 +20,6 @@ workers=$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")
 xdist=""
 python3 -c "import xdist" 2>/dev/null && xdist="-n $workers"
 OMP_NUM_THREADS=2 python3 -m pytest -q -m "not gpu" tests $xdist -p no:cacheprovider 2>&1 | tee "$OUT/cpu_tests.log" || status=1
+python3 bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
 tail -n 3 "$OUT/gpu_tests.log" "$OUT/cpu_tests.log"
 exit $status
