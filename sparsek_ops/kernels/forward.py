@@ -5,8 +5,8 @@ its window span, keeping one online softmax over both (DESIGN.md section 3, fact
 ``p = clip(u_j - tau_i, 0, 1)`` are formed in float64 from scores and thresholds shifted by the
 block's first tau, then used in float32, so that large scores keep their precision.
 
-First version, correctness before speed: every input is upcast to float32 and the dots run
-in IEEE float32 (no TF32), the G query heads of a group are separate programs (no reuse of
+First version, correctness before speed: the dots run in the input dtype (tensor cores for
+bf16/fp16, IEEE float32 for float32: no TF32), with float32 accumulation and softmax; the G query heads of a group are separate programs (no reuse of
 the gathered keys yet), tile sizes are fixed, and the selection runs in PyTorch.
 """
 
@@ -33,7 +33,7 @@ def _softmax_step(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
     alpha = tl.exp(m_i - m_safe)
     e = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(e, 1)
-    acc = acc * alpha[:, None] + tl.dot(e * w, v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot((e * w).to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -56,8 +56,8 @@ def _sparsek_fwd(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=in_seq[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    q = q * scale
+                mask=in_seq[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = (q * scale).to(Q.dtype.element_ty)  # dots in the input dtype (tensor cores for bf16/fp16)
     tau = tl.load(TAU + r * S + tl.minimum(offs_m, S - 1))  # float64
     shift = tl.load(TAU + r * S + tl.minimum(pid_m * BM, S - 1))
     shift = tl.where(shift == shift, shift, 0.0)  # NaN (poisoned block): no shift
@@ -75,9 +75,9 @@ def _sparsek_fwd(
         valid = j >= 0
         jc = tl.where(valid, j, 0)
         kj = tl.load(kbase + jc[:, None] * sks + offs_d[None, :] * skd,
-                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
         vj = tl.load(vbase + jc[:, None] * svs + offs_dv[None, :] * svd,
-                     mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                     mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         uj = tl.load(U + r * S + jc, mask=valid, other=0.0)  # float64
         stop = tl.load(EVICT + r * S + jc, mask=valid, other=0)
         u_s = (uj - shift).to(tl.float32)
@@ -96,9 +96,9 @@ def _sparsek_fwd(
             valid = (pos >= 0) & (pos < S)
             pc = tl.where(valid, pos, 0)
             kj = tl.load(kbase + pc[:, None] * sks + offs_d[None, :] * skd,
-                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
             vj = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd,
-                         mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                         mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
             ok = valid[None, :] & (pos[None, :] <= offs_m[:, None]) & (pos[None, :] > offs_m[:, None] - window)
             s = tl.dot(q, tl.trans(kj), input_precision=PRECISION)
             s = tl.where(ok, s, float("-inf"))
