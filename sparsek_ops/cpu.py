@@ -174,9 +174,12 @@ class _Plan:
         b = torch.arange(f0, f1, device=self.device) % self.NBp
         return (b * self.BM)[:, None] + torch.arange(self.BM, device=self.device)
 
-    def row_of(self, f0: int, f1: int) -> Tensor:
-        """[nc] the row r of each block."""
-        return torch.div(torch.arange(f0, f1, device=self.device), self.NBp, rounding_mode="floor")
+    def keys_before_start(self, f0: int, f1: int) -> Tensor | None:
+        """[nc, Wn]: span keys of blocks f0 .. f1-1 that lie before position 0 (only the first
+        blocks of a row have any), or None when there are none."""
+        kpos = (self.query_pos(f0, f1)[:, :1] - self.window + 1) + torch.arange(self.Wn, device=self.device)
+        before = kpos < 0
+        return before if bool(before[:, 0].any()) else None
 
     def chunks(self):
         """Ranges of real blocks, never crossing a row (so outputs go straight to their place)."""
@@ -247,9 +250,8 @@ def _window_logits(plan: _Plan, x: "_Inputs", qs: Tensor, f0: int, f1: int) -> T
     """Masked logits of the window spans of blocks f0 .. f1-1: [nc, G * BM, Wn]."""
     kw = plan.spans(x.kbuf, f0, f1)[..., : plan.D]
     s = torch.baddbmm(x.band, qs, kw.transpose(-1, -2))
-    kpos = (plan.query_pos(f0, f1)[:, :1] - plan.window + 1) + torch.arange(plan.Wn, device=qs.device)
-    before = kpos < 0  # span keys before position 0 (first blocks of each row only)
-    return s.masked_fill_(before[:, None, :], float("-inf")) if bool(before[:, 0].any()) else s
+    before = plan.keys_before_start(f0, f1)
+    return s if before is None else s.masked_fill_(before[:, None, :], float("-inf"))
 
 
 def _softmax_part(s: Tensor, v: Tensor, p: Tensor | None = None) -> tuple[Tensor, Tensor]:

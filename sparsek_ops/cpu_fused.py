@@ -41,9 +41,9 @@ def window_part(plan, x) -> Callable:
         kw = plan.spans(kbuf, f0, f1)[:, None].expand(nc, G, plan.Wn, E)
         vw = plan.spans(vbuf, f0, f1)[:, None].expand(nc, G, plan.Wn, E)
         mask = x.band[None, None, :BM]
-        kpos = (plan.query_pos(f0, f1)[:, :1] - plan.window + 1) + torch.arange(plan.Wn, device=plan.device)
-        if bool((kpos < 0).any()):  # the first blocks of a row: span keys before position 0
-            mask = mask.masked_fill((kpos < 0)[:, None, None, :], float("-inf"))
+        before = plan.keys_before_start(f0, f1)
+        if before is not None:
+            mask = mask.masked_fill(before[:, None, None, :], float("-inf"))
         qs = _pad_last(x.qs[f0:f1].view(nc, G, BM, plan.D), E)
         o, lse = _FUSED(qs, kw, vw, attn_mask=mask, scale=1.0)
         return o[..., : plan.Dv].reshape(nc, G * BM, plan.Dv), lse.reshape(nc, G * BM)

@@ -12,8 +12,6 @@ the gathered keys yet), tile sizes are fixed, and the selection runs in PyTorch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
