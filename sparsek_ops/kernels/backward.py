@@ -1,0 +1,338 @@
+"""Triton backward of SPARSEK attention: dq, dk, dv and du (DESIGN.md section 3, facts 4-6).
+
+Same math as ``cpu.backward`` (its docstring has the formulas); per query i (a tile row) and
+attended key j, with ``s_ij = scale * p_ij * (q_i . k_j)`` (p = 1 for window pairs)::
+
+    a_ij = exp(s_ij - lse_i),  dp_ij = do_i . v_j,  shift_i = dlse_i - delta_i,  delta_i = do_i . o_i
+    ds_ij = a_ij (p_ij dp_ij + shift_i)
+    dq_i = scale sum_j ds_ij p_ij k_j,  dk_j = scale sum_i ds_ij p_ij q_i,  dv_j = sum_i a_ij p_ij do_i
+    g_ij = a_ij dp_ij + scale (q_i . k_j) ds_ij                    (dL/dp_ij, selected pairs)
+    c_i = sum_{j in T_i ∩ F_i} g_ij / max(1, |F_i|)                 (g summed over the G heads)
+    du_l = sum_{i : l in T_i ∩ F_i} g_il - sum_{i : l in F_i} c_i
+
+Tile layout: ``common.py`` (a tile's BM rows are BMQ = BM // G queries x the G query heads of
+one KV head, so the keys a block gathers serve the whole group). Kernels:
+
+* ``_bwd_query_block``, one program per (query block, KV head, batch): recomputes the block's
+  gather list (selected pairs) and window span, accumulates dq, and writes ``sum_j g_ij`` of every
+  tile row (the numerator of c_i; each query row belongs to exactly one program, so no atomics).
+  In the non-deterministic mode it also adds the selected pairs' dk, dv and the first term of du
+  into float32 / float64 buffers with ``tl.atomic_add``.
+* ``_bwd_key_block``, one program per (block of BN keys, KV head, batch), FlashAttention-2
+  style: sweeps the query blocks that attend to its keys and accumulates their dk, dv (and du's
+  first term) in registers, with no atomics. Always used for the window pairs (key j is in the
+  windows of the queries ``j .. j + window - 1``). In the deterministic mode it does the selected
+  pairs too: pair j is selected by the contiguous queries ``j + window <= i < evict[j]``
+  (fact 2), so together with its window the key is used by the queries ``j .. evict[j] - 1``; the
+  program sweeps the query blocks covering the union of its keys' ranges and skips the blocks
+  where none of its keys is used (a cheap test on BN scalars). No atomics anywhere in that mode,
+  so repeated runs are bitwise identical. It can be much slower than the atomic mode: a key
+  block holding one long-lived pair (a high score that is never evicted) sweeps every later
+  query block, O(S / BMQ) tiles for that program (the "slots" scheme of fact 6 would avoid it).
+
+The second term of du is a prefix sum over queries (``cpu._fractional_share``, fact 5), in PyTorch.
+
+Precision: the dots run in the input dtype (tensor cores for bf16/fp16; IEEE float32, not TF32,
+for float32 inputs), with float32 accumulation; g and the du sums are float64 once summed over a
+tile. float64 inputs fall back to ``cpu.backward`` (GPUs and the interpreter run float64 dots
+poorly, and float64 is for gradcheck, not speed).
+
+NaN scores: a poisoned query (tau NaN, lse NaN) gives NaN dq and NaN dk, dv for exactly the
+keys it attends (its selected pairs and its window); du stays finite, as in ``cpu.backward``
+(whose dk, dv NaN set is a superset: it poisons the whole gather list and span of the block).
+
+No host synchronisation and no data-dependent shapes here; ``select`` is called through one
+module-level name so that a GPU selection with the same ``Selection`` contract is a one-line swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import cpu
+from ..cpu import _fractional_share
+from ..selection import select
+from .common import (block_shift, fractional, in_window, pair_weights, queries_per_block, rows_per_tile,
+                     selected, tile_rows)
+
+BLOCK_M = 64  # requested tile rows (queries x group heads); see common.rows_per_tile
+
+
+@triton.jit
+def _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
+               G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """q [BM, BD] and do [BM, BDV] (input dtype), lse and shift [BM] (float32) of the tile rows
+    (query qi, head h * G + g). Padding rows read zeros; every use of them is masked."""
+    hq = (h * G + g).to(tl.int64)
+    qc = tl.minimum(qi, S - 1).to(tl.int64)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + qc[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=real[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b64 * sdb + hq[:, None] * sdh + qc[:, None] * sds + offs_dv[None, :] * sdd,
+                 mask=real[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row = (b64 * Hq + hq) * S + qc
+    lse = tl.load(LSE + row, mask=real, other=0.0)
+    sh = tl.load(SHIFT + row, mask=real, other=0.0)
+    return q, do, lse, sh
+
+
+@triton.jit
+def _bwd_query_block(
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, LISTS, DQ, CROW, DK, DV, DU,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    S, L, NBQ, Hq, Hkv, window, scale,
+    G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SEL: tl.constexpr, HAS_WIN: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """dq of one query block, and (HAS_SEL) the per-row sums of g for c_i:
+    DQ [B, Hq, S, D] (dtype of q), CROW [R, S, G] float64. With ATOMIC, the selected pairs' dk,
+    dv are added into DK [R, S, D], DV [R, S, DV] float32 and du's first term into DU [R, S] float64."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    BMQ: tl.constexpr = BM // G
+    r64 = (b * Hkv + h).to(tl.int64)
+    qi, g, real = tile_rows(pid_m, S, BM, G)
+    q, do, lse, sh = _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+                                sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    vbase = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    dq = tl.zeros([BM, BD], tl.float32)
+    if HAS_SEL:
+        tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
+        shift_b = block_shift(TAU + r64 * S, pid_m, S, BMQ)
+        c_acc = tl.zeros([BM], tl.float64)
+        for start in range(0, L, BN):
+            offs_n = start + tl.arange(0, BN)
+            j = tl.load(LISTS + (r64 * NBQ + pid_m) * L + offs_n, mask=offs_n < L, other=-1)
+            valid = j >= 0
+            jc = tl.where(valid, j, 0)
+            jc64 = jc.to(tl.int64)
+            kj = tl.load(kbase + jc64[:, None] * sks + offs_d[None, :] * skd,
+                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+            vj = tl.load(vbase + jc64[:, None] * svs + offs_dv[None, :] * svd,
+                         mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
+            uj = tl.load(U + r64 * S + jc64, mask=valid, other=0.0)  # float64
+            ev = tl.load(EVICT + r64 * S + jc64, mask=valid, other=0)
+            sel = selected(jc, valid, ev, qi, window) & real[:, None]
+            # p is 0 off the selection (so a * p and ds * p vanish there even for a poisoned row,
+            # whose weights are NaN); NaN only where a poisoned query really selects the pair.
+            p = tl.where(sel, pair_weights(uj, tau, shift_b), 0.0)
+            qk = tl.dot(q, tl.trans(kj), input_precision=PRECISION) * scale
+            dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
+            a = tl.where(sel, tl.exp(qk * p - lse[:, None]), 0.0)
+            ds = tl.where(sel, a * (dp * p + sh[:, None]), 0.0)
+            dsp = ds * p
+            dq += tl.dot(dsp.to(kj.dtype), kj, input_precision=PRECISION)
+            # dL/dp on T_i ∩ F_i only: the same float64 test as selection's |F_i| (fractional).
+            gm = tl.where(sel & fractional(uj, tau), a * dp + qk * ds, 0.0).to(tl.float64)
+            c_acc += tl.sum(gm, 1)
+            if ATOMIC:
+                # Every valid slot of the gather list is a distinct pair: no two lanes of one
+                # atomic hit the same address.
+                dk_t = tl.dot(tl.trans(dsp.to(q.dtype)), q, input_precision=PRECISION) * scale
+                tl.atomic_add(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], dk_t,
+                              mask=valid[:, None] & (offs_d[None, :] < D))
+                dv_t = tl.dot(tl.trans((a * p).to(do.dtype)), do, input_precision=PRECISION)
+                tl.atomic_add(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv_t,
+                              mask=valid[:, None] & (offs_dv[None, :] < DV_))
+                tl.atomic_add(DU + r64 * S + jc64, tl.sum(gm, 0), mask=valid)
+        tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
+    if HAS_WIN:
+        # Window span of the block: positions i0 - window + 1 .. i0 + BMQ - 1 (inside [0, S)).
+        lo = tl.maximum(pid_m * BMQ - window + 1, 0)
+        hi = tl.minimum(pid_m * BMQ + BMQ, S)
+        for start in range(lo, hi, BN):
+            pos = start + tl.arange(0, BN)
+            valid = pos < hi
+            pc = tl.where(valid, pos, 0).to(tl.int64)
+            kj = tl.load(kbase + pc[:, None] * sks + offs_d[None, :] * skd,
+                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+            vj = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd,
+                         mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
+            win = in_window(pos, valid, qi, window) & real[:, None]
+            qk = tl.dot(q, tl.trans(kj), input_precision=PRECISION) * scale
+            dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
+            a = tl.where(win, tl.exp(qk - lse[:, None]), 0.0)
+            ds = tl.where(win, a * (dp + sh[:, None]), 0.0)
+            dq += tl.dot(ds.to(kj.dtype), kj, input_precision=PRECISION)
+    hq = (h * G + g).to(tl.int64)
+    qc = tl.minimum(qi, S - 1).to(tl.int64)
+    tl.store(DQ + ((b.to(tl.int64) * Hq + hq) * S + qc)[:, None] * D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=real[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _bwd_key_block(
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, DK, DV, DU,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    S, Hq, Hkv, window, scale,
+    G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, SELECTED: tl.constexpr,
+):
+    """dk, dv of BN consecutive keys from every query that attends to them: the window queries
+    ``j .. j + window - 1`` and, with SELECTED, the selecting queries ``j + window .. evict[j] - 1``
+    (then also du's first term). Writes DK [R, S, D], DV [R, S, DV] (their pointer's dtype) and,
+    with SELECTED, DU [R, S] float64; each key belongs to one program, so plain stores."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    BMQ: tl.constexpr = BM // G
+    r64 = (b * Hkv + h).to(tl.int64)
+    j = pid_n * BN + tl.arange(0, BN)
+    valid = j < S
+    jc64 = tl.minimum(j, S - 1).to(tl.int64)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + jc64[:, None] * sks + offs_d[None, :] * skd,
+                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + jc64[:, None] * svs + offs_dv[None, :] * svd,
+                mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BDV], tl.float32)
+    du = tl.zeros([BN], tl.float64)
+    # Queries that use these keys: from the first key on (window, or j + window >= j when
+    # selected), to one past the last window query of the last key ...
+    q_lo = pid_n * BN
+    q_hi = tl.minimum(tl.minimum(pid_n * BN + BN, S) - 1 + window, S)
+    if SELECTED:
+        uj = tl.load(U + r64 * S + jc64, mask=valid, other=0.0)  # float64
+        ev = tl.load(EVICT + r64 * S + jc64, mask=valid, other=0)  # clamped to S by the caller
+        # ... or to the last selecting query (evict is one past it).
+        q_hi = tl.maximum(q_hi, tl.max(tl.where(valid, ev, 0), 0))
+    for qb in range(q_lo // BMQ, tl.cdiv(q_hi, BMQ)):
+        qs = qb * BMQ
+        qe = qs + BMQ
+        # Does any key of this block meet a query of [qs, qe)? In the window-only sweep always;
+        # with long-lived pairs the selected ranges can leave gaps, skipped here.
+        used = valid & (j < qe) & (j + window > qs)
+        if SELECTED:
+            used = used | (valid & (j + window < qe) & (ev > qs) & (ev > j + window))
+        if tl.max(used.to(tl.int32), 0) > 0:
+            qi, g, real = tile_rows(qb, S, BM, G)
+            q, do, lse, sh = _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+                                        sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            att = in_window(j, valid, qi, window) & real[:, None]
+            if SELECTED:
+                tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
+                sel = selected(j, valid, ev, qi, window) & real[:, None]
+                # The query block's own shift, as the query-block kernel (and forward) use.
+                shift_b = block_shift(TAU + r64 * S, qb, S, BMQ)
+                # Window pairs (and pairs not attended, masked below) have weight 1.
+                p = tl.where(sel, pair_weights(uj, tau, shift_b), 1.0)
+                att = att | sel
+            else:
+                p = 1.0
+            a = tl.where(att, tl.exp(qk * p - lse[:, None]), 0.0)
+            ds = tl.where(att, a * (dp * p + sh[:, None]), 0.0)
+            dv += tl.dot(tl.trans((a * p).to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans((ds * p).to(q.dtype)), q, input_precision=PRECISION)
+            if SELECTED:
+                gm = tl.where(sel & fractional(uj, tau), a * dp + qk * ds, 0.0).to(tl.float64)
+                du += tl.sum(gm, 0)
+    tl.store(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=valid[:, None] & (offs_d[None, :] < D))
+    tl.store(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV_))
+    if SELECTED:
+        tl.store(DU + r64 * S + jc64, du, mask=valid)
+
+
+def _block_n(BD: int, BDV: int) -> int:
+    """Keys per tile: 64, or 32 for head dims above 128 (the key kernel holds k, v, dk and dv
+    of its BN keys in registers)."""
+    return 64 if max(BD, BDV) <= 128 else 32
+
+
+def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, u: Tensor,
+             out: Tensor, lse: Tensor, topk: int, window: int, scale: float,
+             block_m: int = BLOCK_M, deterministic: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of SPARSEK attention, same contract as ``cpu.backward``.
+
+    grad_out [B, Hq, S, Dv], grad_lse [B, Hq, S] or None, q [B, Hq, S, D], k [B, Hkv, S, D],
+    v [B, Hkv, S, Dv], u [B, Hkv, S], out [B, Hq, S, Dv], lse [B, Hq, S] (float32; float64 for
+    float64 inputs); any strides. Returns dq, dk, dv, du, each contiguous with the shape and dtype
+    of its input.
+
+    ``block_m``: requested tile rows (``common.rows_per_tile``). ``deterministic``: no atomics, so
+    repeated calls are bitwise identical (slower, see the module docstring); None means
+    ``torch.are_deterministic_algorithms_enabled()``. float64 inputs run ``cpu.backward``.
+    """
+    if q.dtype == torch.float64:
+        return cpu.backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    B, Hq, S, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G, R = Hq // Hkv, B * Hkv
+    dev = q.device
+    if S == 0:
+        return (torch.zeros(q.shape, dtype=q.dtype, device=dev), torch.zeros(k.shape, dtype=k.dtype, device=dev),
+                torch.zeros(v.shape, dtype=v.dtype, device=dev), torch.zeros(u.shape, dtype=u.dtype, device=dev))
+    BM = rows_per_tile(block_m, G)
+    BMQ = queries_per_block(BM, G)
+    NBQ = -(-S // BMQ)
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    BN = _block_n(BD, BDV)
+    has_sel, has_win = topk > 0, window > 0
+
+    # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
+    shift = torch.linalg.vecdot(grad_out.float(), out.float()).neg_()
+    if grad_lse is not None:
+        shift = shift.add_(grad_lse.float())
+    shift = shift.contiguous()
+    lse32 = lse.float().contiguous()
+
+    if has_sel:
+        sel = select(u, topk, window, block_m=BMQ, fractional=True)
+        tau = sel.tau.contiguous()
+        # evict clamped to S: the key kernel's sweep ends there, and int32 cannot overflow.
+        evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
+        lists = sel.block_index.to(torch.int32).contiguous()
+        L = lists.shape[-1]
+    else:
+        tau = torch.zeros(1, dtype=torch.float64, device=dev)
+        evict = lists = torch.zeros(1, dtype=torch.int32, device=dev)
+        L = 0
+    u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    crow = torch.empty(R, S, G, dtype=torch.float64, device=dev) if has_sel else torch.zeros(1, dtype=torch.float64, device=dev)
+    atomic = has_sel and not deterministic
+    # The atomic mode adds into float32 buffers; otherwise the key kernel writes the final dtype.
+    buf_k = torch.float32 if atomic else k.dtype
+    buf_v = torch.float32 if atomic else v.dtype
+    key_kernel = has_win or (has_sel and deterministic)
+    alloc = torch.empty if key_kernel else torch.zeros
+    dk = alloc(R, S, D, dtype=buf_k, device=dev)
+    dv = alloc(R, S, Dv, dtype=buf_v, device=dev)
+    du = (torch.empty if deterministic and has_sel else torch.zeros)(R, S, dtype=torch.float64, device=dev)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    common = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM, BN=BN,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if key_kernel:
+            _bwd_key_block[(-(-S // BN), Hkv, B)](
+                q, k, v, grad_out, lse32, shift, u64, tau, evict, dk, dv, du, *strides,
+                S, Hq, Hkv, window, scale, SELECTED=has_sel and deterministic, **common)
+        _bwd_query_block[(NBQ, Hkv, B)](
+            q, k, v, grad_out, lse32, shift, u64, tau, evict, lists, dq, crow, dk, dv, du, *strides,
+            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, ATOMIC=atomic, **common)
+    if has_sel:
+        c = crow.sum(-1) / sel.n_frac.clamp_min(1)
+        du = du - _fractional_share(sel, u64, c, window)
+    return (dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+            du.view(u.shape).to(u.dtype).contiguous())
