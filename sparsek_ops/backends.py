@@ -63,15 +63,17 @@ register(Backend("torch", cpu.forward, cpu.backward, None,
 
 
 def _register_triton() -> None:
-    """Backend "triton": the Triton forward (sparsek_ops/kernels), and for now the PyTorch
-    backward. CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set before import."""
+    """Backend "triton": the Triton forward and backward (sparsek_ops/kernels; the backward is
+    deterministic when torch.are_deterministic_algorithms_enabled(), else it uses atomics).
+    CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set before import."""
     try:
+        from .kernels import backward as triton_backward
         from .kernels import forward as triton_forward
     except ImportError:  # no triton on this platform: the backend is simply not offered
         return
     devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-    register(Backend("triton", triton_forward.forward, cpu.backward, devices,
-                     "Triton forward (sparsek_ops/kernels), PyTorch backward"))
+    register(Backend("triton", triton_forward.forward, triton_backward.backward, devices,
+                     "Triton forward and backward (sparsek_ops/kernels)"))
 
 
 _register_triton()
