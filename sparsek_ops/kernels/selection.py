@@ -1,0 +1,433 @@
+"""GPU selection: ``selection.select``'s results from Triton kernels, with no host sync.
+
+The PyTorch selection (``sparsek_ops/selection.py``) finds every prefix's threshold with a
+parallel binary search: O(S log S) work, but dozens of small kernels per search step, which on
+a GPU costs milliseconds in launches and row scans. Here the prefixes are *walked*, which is
+what decoding does, in many chunks at once:
+
+* The row is cut into chunks of consecutive prefix lengths n (``chunk_starts``: short chunks
+  early, where nearly every new pair changes the selection, longer ones later, where most new
+  pairs fall below the threshold and change nothing).
+* ``_chunk_start`` (one program per chunk) solves the chunk's first prefix from scratch:
+  the k-th best rank ``K(n)`` (pair j is in the top-k iff ``rank_j <= K(n)``) by a scan of the
+  positions in rank order, and ``tau(n)`` by a multi-pivot search over the sorted breakpoints
+  (every ``u`` and ``u - 1``; the same set and the same bracket rule as ``prefix_threshold``),
+  each pivot pass summing only the scores above the bracket.
+* ``_walk`` (one warp per chunk) then adds the chunk's pairs one by one. A pair below the
+  threshold that does not enter the top-k changes nothing (facts 1, 2): a whole tile of such
+  pairs is skipped with vector tests. A live pair updates the top-k (evicting the worst pair,
+  whose eviction index is written here, fact 2) and moves the threshold right along the sorted
+  breakpoints, crossing whole runs of equal breakpoints at a time, with the counts and sums of
+  the linear piece kept up to date (f = sum clip(u - t, 0, 1) is linear between breakpoints).
+* ``_block_lists`` (one program per query block) writes each block's gather list:
+  the top-k of its first prefix (the positions of rank <= K(n), found in rank order) followed by
+  the block's newcomers that enter the top-k (fact 3: at most topk + block_m pairs).
+
+Everything is exact: the same thresholds as ``prefix_threshold`` up to float64 rounding (the
+sums are formed in another order), the same eviction indices and the same sets per block.
+Differences from ``selection.select``: gather lists are in rank order (best first) and then
+position order, not ascending; ``evict`` and ``block_index`` are int32. ``|F|`` (backward only)
+comes from ``selection.prefix_fractional_counts``, pure PyTorch without syncs.
+
+Cost: O(S log S) for the two sorts, O(S) per chunk start (about S/64 chunks), and per chunk
+O(live pairs) sequential steps of a few memory round trips each.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..projection import F_SLACK
+from ..selection import Selection, _Points, candidate_counts, prefix_fractional_counts
+
+# Chunking: about LIVE_PER_CHUNK pairs that change the selection per chunk, with the rough
+# model "a pair at prefix n is live with probability min(1, LIVE_RATE * k / n)".
+LIVE_PER_CHUNK = 64
+LIVE_RATE = 3.0
+MAX_CHUNK = 4096
+PIVOTS = 16  # breakpoints tried per pass of the start search (passes ~ log_17(2S))
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_starts(S: int, k: int) -> tuple[int, ...]:
+    """First prefix length of every chunk, covering n = 0 .. S. ``k + 1`` is always a start, so
+    the first finite threshold is solved from scratch, never walked into."""
+    starts = [0]
+    a = 0
+    while a <= S:
+        if a <= k:
+            nxt = min(a + LIVE_PER_CHUNK, k + 1)
+        else:
+            nxt = a + min(MAX_CHUNK, max(LIVE_PER_CHUNK, int(LIVE_PER_CHUNK * a / (LIVE_RATE * k))))
+        if nxt <= S:
+            starts.append(nxt)
+        a = nxt
+    return tuple(starts)
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_starts(S: int, k: int, device: torch.device) -> Tensor:
+    """[NC + 1] int32: chunk starts and S + 1 at the end. Cached per device, so that later calls
+    copy nothing from the host (and can be captured in a CUDA graph)."""
+    return torch.tensor(list(_chunk_starts(S, k)) + [S + 1], dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _chunk_start(
+    VALS, PS, RANK, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
+    S, k, NC,
+    PIV: tl.constexpr, BLK: tl.constexpr, SLACK: tl.constexpr,
+):
+    """Solve the first prefix of chunk c from scratch. Writes STATE_I[r, c] = (ptr, cA, cB, K,
+    tsize) and STATE_F[r, c] = (tau, sA, sB, shift); see _walk for their meaning."""
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    a0 = tl.load(STARTS + c)
+    vals = VALS + r * S  # scores by rank (descending); padded rows end with -inf
+    ps = PS + r * S
+    P = 2 * S
+    offs = tl.arange(0, BLK)
+    big: tl.constexpr = 2147483647
+    if a0 <= k:
+        # Fewer than k + 1 candidates: all are kept. K = the largest rank among them.
+        kk = tl.full([BLK], -1, tl.int32)
+        for p0 in range(0, a0, BLK):
+            pos = p0 + offs
+            kk = tl.maximum(kk, tl.load(RANK + r * S + pos, mask=pos < a0, other=-1))
+        K = tl.max(kk, 0)
+        tsize = a0
+        ptr = 0
+        cA = 0
+        cB = 0
+        tau = tl.full([], float("-inf"), tl.float64)
+        sA = tl.zeros([], tl.float64)
+        sB = tl.zeros([], tl.float64)
+        shift = tl.zeros([], tl.float64)
+    else:
+        # K: the rank at which the k-th position < a0 is met, in rank order.
+        seen = 0
+        K = -1
+        r0 = 0
+        while K < 0:
+            rr = r0 + offs
+            inside = (tl.load(ps + rr, mask=rr < S, other=big) < a0).to(tl.int32)
+            cum = seen + tl.cumsum(inside, 0)
+            hit = (cum == k) & (inside > 0)
+            K = tl.max(tl.where(hit, rr, -1), 0)
+            seen = seen + tl.sum(inside, 0)
+            r0 += BLK
+        tsize = k
+        # tau: the largest breakpoint index m with f(bval[m]) >= k - slack, by passes that try
+        # PIV pivots each. Invariant: pred(lo) true (f(min u - 1) = a0 > k), pred(hi) false.
+        lo = 0
+        hi = P - 1
+        j = tl.arange(0, PIV)
+        while hi - lo > 1:
+            m = lo + ((hi - lo) * (j + 1)) // (PIV + 1)
+            m = tl.minimum(tl.maximum(m, lo + 1), hi - 1)
+            t = tl.load(BVAL + r * P + m)
+            t_min = tl.min(t, 0)
+            f = tl.zeros([PIV], tl.float64)
+            r0 = 0
+            go = True
+            while go:
+                rr = r0 + offs
+                x = tl.load(vals + rr, mask=rr < S, other=float("-inf"))
+                pos = tl.load(ps + rr, mask=rr < S, other=big)
+                w = tl.where((pos < a0)[:, None], tl.minimum(tl.maximum(x[:, None] - t[None, :], 0.0), 1.0), 0.0)
+                f += tl.sum(w, 0)
+                go = (tl.min(x, 0) > t_min) & (r0 + BLK < S)
+                r0 += BLK
+            ok = f >= tl.full([], k, tl.float64) - SLACK
+            new_lo = tl.max(tl.where(ok, m, lo), 0)
+            new_hi = tl.min(tl.where(ok, hi, m), 0)
+            lo = new_lo
+            hi = new_hi
+        ptr = lo + 1
+        b_lo = tl.load(BVAL + r * P + lo)
+        # Counts and sums of the linear piece right of b_lo: A = {u > b_lo} (u-breakpoint not yet
+        # crossed), B = {u - 1 > b_lo}; sums of (u - shift), shift = b_lo, to keep them small.
+        shift = b_lo
+        cA = 0
+        cB = 0
+        sA = tl.zeros([], tl.float64)
+        sB = tl.zeros([], tl.float64)
+        r0 = 0
+        go = True
+        while go:
+            rr = r0 + offs
+            inr = rr < S
+            x = tl.load(vals + rr, mask=inr, other=float("-inf"))
+            pos = tl.load(ps + rr, mask=inr, other=big)
+            iu = tl.load(IUR + r * S + rr, mask=inr, other=-1)
+            iv = tl.load(IVR + r * S + rr, mask=inr, other=-1)
+            inA = (pos < a0) & (iu >= ptr)
+            inB = (pos < a0) & (iv >= ptr)
+            cA += tl.sum(inA.to(tl.int32), 0)
+            cB += tl.sum(inB.to(tl.int32), 0)
+            sA += tl.sum(tl.where(inA, x - shift, 0.0), 0)
+            sB += tl.sum(tl.where(inB, x - shift, 0.0), 0)
+            go = (tl.min(x, 0) > b_lo) & (r0 + BLK < S)
+            r0 += BLK
+        b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
+        b_hi = tl.where(ptr < P, b_hi, float("inf"))
+        tau = _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi)
+    base = (r * NC + c) * 5
+    tl.store(STATE_I + base + 0, ptr)
+    tl.store(STATE_I + base + 1, cA)
+    tl.store(STATE_I + base + 2, cB)
+    tl.store(STATE_I + base + 3, K)
+    tl.store(STATE_I + base + 4, tsize)
+    basef = (r * NC + c) * 4
+    tl.store(STATE_F + basef + 0, tau)
+    tl.store(STATE_F + basef + 1, sA)
+    tl.store(STATE_F + basef + 2, sB)
+    tl.store(STATE_F + basef + 3, shift)
+
+
+@triton.jit
+def _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi):
+    """projection.solve_in_bracket on the piece right of b_lo: f(x) = (sA - (x - shift) cA) -
+    (sB - (x - shift + 1) cB), slope -(cA - cB)."""
+    x = b_lo - shift
+    f_lo = (sA - x * cA) - (sB - (x + 1.0) * cB)
+    nF = cA - cB
+    step = (f_lo - k) / tl.maximum(nF, 1).to(tl.float64)
+    tau = tl.where(nF > 0, b_lo + step, b_lo)
+    return tl.minimum(tl.maximum(tau, b_lo), b_hi)
+
+
+@triton.jit
+def _walk(
+    U, PS, RANK, IU, IV, BVAL, BPOS, BTYP, BU, STARTS, STATE_I, STATE_F,
+    TAU_N, K_N, EVICT,
+    S, k, window, NC,
+    TB: tl.constexpr, SLACK: tl.constexpr,
+):
+    """Walk chunk c: for every prefix n of the chunk write tau(n) (TAU_N [R, S+1]) and K(n)
+    (K_N), and the eviction index of every pair that this chunk adds or evicts (EVICT [R, S]).
+
+    State (for the current prefix): the top-k is every position of rank <= K (tsize of them);
+    ptr = the number of sorted breakpoints (BVAL [R, 2S]) already crossed by the threshold; the
+    pairs present with their u-breakpoint not crossed form A (u > t) and with their
+    (u - 1)-breakpoint not crossed form B (u - 1 > t), with counts cA, cB and sums sA, sB of
+    (u - shift); tau is the current threshold.
+    """
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    a0 = tl.load(STARTS + c)
+    a1 = tl.load(STARTS + c + 1)
+    P = 2 * S
+    base = (r * NC + c) * 5
+    ptr = tl.load(STATE_I + base + 0)
+    cA = tl.load(STATE_I + base + 1)
+    cB = tl.load(STATE_I + base + 2)
+    K = tl.load(STATE_I + base + 3)
+    tsize = tl.load(STATE_I + base + 4)
+    basef = (r * NC + c) * 4
+    tau = tl.load(STATE_F + basef + 0)
+    sA = tl.load(STATE_F + basef + 1)
+    sB = tl.load(STATE_F + basef + 2)
+    shift = tl.load(STATE_F + basef + 3)
+    slack = tl.full([], k, tl.float64) - SLACK
+    offs_t = tl.arange(0, TB)
+    big: tl.constexpr = 2147483647
+    for t0 in range(a0, a1, TB):
+        n = t0 + offs_t  # prefixes of this tile; pair n is added after prefix n is written
+        in_chunk = n < a1
+        has = in_chunk & (n < S)
+        rk = tl.load(RANK + r * S + n, mask=has, other=big)
+        iu = tl.load(IU + r * S + n, mask=has, other=-1)
+        tau_v = tl.zeros([TB], tl.float64) + tau
+        k_v = tl.zeros([TB], tl.int32) + K
+        # Live pairs: they enter the top-k, or (past the first k + 1 pairs) lie above tau.
+        live = has & ((tsize < k) | (rk < K) | ((n > k) & (iu >= ptr)))
+        done = n < t0
+        while tl.max(live.to(tl.int32), 0) > 0:
+            s = tl.min(tl.where(live, n, big), 0)
+            sel = n == s
+            rk_s = tl.sum(tl.where(sel, rk, 0), 0)
+            iu_s = tl.sum(tl.where(sel, iu, 0), 0)
+            done = done | sel
+            # Top-k: add pair s, evicting the worst (rank K) when full.
+            if tsize < k:
+                tsize += 1
+                K = tl.maximum(K, rk_s)
+            elif rk_s < K:
+                tl.store(EVICT + r * S + tl.load(PS + r * S + K), s + window)
+                # New K: the largest rank below K held by a position <= s (present).
+                nk = -1
+                hi_r = K
+                while nk < 0:
+                    rr = hi_r - TB + offs_t
+                    pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
+                    nk = tl.max(tl.where((pos <= s) & (rr >= 0), rr, -1), 0)
+                    hi_r -= TB
+                K = nk
+            else:
+                tl.store(EVICT + r * S + s, s + window)
+            # Threshold: only for prefixes past the first solved one (s >= k + 1 adds to prefix
+            # s + 1 >= k + 2), and only if pair s lies above the threshold.
+            if (s > k) & (iu_s >= ptr):
+                u_s = tl.load(U + r * S + s) - shift
+                iv_s = tl.load(IV + r * S + s)
+                cA += 1
+                sA += u_s
+                if iv_s >= ptr:
+                    cB += 1
+                    sB += u_s
+                # Move right, a tile of breakpoints at a time, while f at the next run of equal
+                # breakpoints (evaluated before crossing it) stays >= k - slack.
+                go = ptr < P
+                while go:
+                    e = ptr + offs_t
+                    ine = e < P
+                    bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
+                    bp = tl.load(BPOS + r * P + e, mask=ine, other=big)
+                    bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
+                    bu = tl.load(BU + r * P + e, mask=ine, other=0.0) - shift
+                    present = bp <= s
+                    dA = (present & (bt == 1)).to(tl.int32)
+                    dB = (present & (bt == 0)).to(tl.int32)
+                    exA = tl.cumsum(dA, 0) - dA
+                    exB = tl.cumsum(dB, 0) - dB
+                    eA = tl.where(dA > 0, bu, 0.0)
+                    eB = tl.where(dB > 0, bu, 0.0)
+                    xsA = tl.cumsum(eA, 0) - eA
+                    xsB = tl.cumsum(eB, 0) - eB
+                    x = tl.where(ine, bv - shift, 0.0)  # no inf * 0 past the end
+                    f = ((sA - xsA) - x * (cA - exA)) - ((sB - xsB) - (x + 1.0) * (cB - exB))
+                    # the previous entry's value, to find the starts of runs of equal breakpoints
+                    bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
+                    run_start = bv != bv_prev
+                    stop = run_start & ((f < slack) | ~ine)
+                    first = tl.min(tl.where(stop, offs_t, TB), 0)
+                    cross = offs_t < first
+                    cA -= tl.sum(tl.where(cross, dA, 0), 0)
+                    cB -= tl.sum(tl.where(cross, dB, 0), 0)
+                    sA -= tl.sum(tl.where(cross, eA, 0.0), 0)
+                    sB -= tl.sum(tl.where(cross, eB, 0.0), 0)
+                    ptr += first
+                    go = (first == TB) & (ptr < P)
+                b_lo = tl.load(BVAL + r * P + ptr - 1)
+                b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
+                b_hi = tl.where(ptr < P, b_hi, float("inf"))
+                tau = _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi)
+            after = n > s
+            tau_v = tl.where(after, tau, tau_v)
+            k_v = tl.where(after, K, k_v)
+            live = has & ~done & ((tsize < k) | (rk < K) | ((n > k) & (iu >= ptr)))
+        # Pairs of this tile that were never live never enter the top-k.
+        tl.store(EVICT + r * S + n, n + window, mask=has & ~done)
+        tl.store(TAU_N + r * (S + 1) + n, tl.where(n > k, tau_v, float("-inf")), mask=in_chunk)
+        tl.store(K_N + r * (S + 1) + n, tl.where(n > k, k_v, S), mask=in_chunk)
+
+
+@triton.jit
+def _block_lists(
+    PS, K_N, EVICT, LISTS,
+    S, k, window, NB, L,
+    BMQ: tl.constexpr, BLK: tl.constexpr,
+):
+    """LISTS[r, b, :]: the pairs selected by any query of block b (queries b*BMQ ..): the top-k
+    of its first prefix, then its newcomers that enter the top-k; -1 after."""
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    i_first = b * BMQ
+    i_last = tl.minimum(i_first + BMQ, S) - 1
+    n_first = tl.maximum(i_first + 1 - window, 0)
+    n_last = tl.maximum(i_last + 1 - window, 0)
+    out = LISTS + (r * NB + b) * L
+    offs = tl.arange(0, BLK)
+    cnt = 0
+    if n_first <= k:
+        for p0 in range(0, n_first, BLK):
+            pos = p0 + offs
+            tl.store(out + pos, pos, mask=pos < n_first)
+        cnt = n_first
+    else:
+        K = tl.load(K_N + r * (S + 1) + n_first)
+        for r0 in range(0, K + 1, BLK):
+            rr = r0 + offs
+            pos = tl.load(PS + r * S + rr, mask=rr <= K, other=2147483647)
+            keep = pos < n_first
+            slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(out + slot, pos, mask=keep)
+            cnt += tl.sum(keep.to(tl.int32), 0)
+    # Newcomers: pairs n_first <= j < n_last that enter the top-k when they arrive.
+    for p0 in range(n_first, n_last, BLK):
+        j = p0 + offs
+        inj = j < n_last
+        ev = tl.load(EVICT + r * S + j, mask=inj, other=0)
+        keep = inj & (ev > j + window)
+        slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, j, mask=keep)
+        cnt += tl.sum(keep.to(tl.int32), 0)
+    for p0 in range(cnt, L, BLK):
+        slot = p0 + offs
+        tl.store(out + slot, -1, mask=slot < L)
+
+
+def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: bool = True) -> Selection:
+    """``selection.select`` on the GPU (or in the Triton interpreter): same fields, same values,
+    except that gather lists are in rank order and ``evict``/``block_index`` are int32.
+
+    u: [B, H, S] scores, any float dtype (computed in float64). No host synchronisation.
+    """
+    B, H, S = u.shape
+    dev = u.device
+    R = B * H
+    NB = -(-S // block_m)
+    L = min(topk + block_m, S) if topk > 0 else 0
+    u64 = u.detach().reshape(R, S).to(torch.float64)
+    bad = ~torch.isfinite(u64)
+    uc = torch.where(bad, 0.0, u64).contiguous()
+    n_i = candidate_counts(S, window, dev)
+    seen_bad = torch.cat([bad.new_zeros(R, 1), bad.cumsum(1) > 0], 1)
+    if topk == 0 or S == 0:
+        tau_n = torch.full((R, S + 1), float("-inf"), dtype=torch.float64, device=dev)
+        tau = torch.where(seen_bad, float("nan"), tau_n)[:, n_i]
+        evict = (torch.arange(S, device=dev, dtype=torch.int32) + window).expand(R, S).contiguous()
+        lists = torch.empty(R, NB, 0, dtype=torch.int32, device=dev)
+        n_frac = torch.zeros(R, S, dtype=torch.int32, device=dev) if fractional else None
+        return Selection(tau, n_frac, evict, lists, topk, window, block_m)
+    # Sorted scores (descending, ties to the earlier position) and breakpoints (ascending).
+    vals, order = torch.sort(uc, dim=1, descending=True, stable=True)
+    ps = order.to(torch.int32).contiguous()
+    rank = torch.empty_like(ps).scatter_(1, order, torch.arange(S, device=dev, dtype=torch.int32).expand(R, S).contiguous())
+    bval, bo = torch.sort(torch.cat([uc - 1, uc], 1), dim=1, stable=True)
+    bo32 = bo.to(torch.int32)
+    bpos = (bo32 % S).contiguous()
+    btyp = (bo32 // S).contiguous()
+    inv = torch.empty_like(bo32).scatter_(1, bo, torch.arange(2 * S, device=dev, dtype=torch.int32).expand(R, 2 * S).contiguous())
+    iv, iu = inv[:, :S].contiguous(), inv[:, S:].contiguous()
+    bu = uc.gather(1, bpos.long()).contiguous()
+    iur, ivr = iu.gather(1, order).contiguous(), iv.gather(1, order).contiguous()
+    starts = chunk_starts(S, topk, dev)
+    NC = starts.numel() - 1
+    state_i = torch.empty(R, NC, 5, dtype=torch.int32, device=dev)
+    state_f = torch.empty(R, NC, 4, dtype=torch.float64, device=dev)
+    _chunk_start[(NC, R)](
+        vals.contiguous(), ps, rank, iur, ivr, bval.contiguous(), starts, state_i, state_f,
+        S, topk, NC, PIV=PIVOTS, BLK=256, SLACK=F_SLACK, num_warps=4,
+    )
+    tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
+    k_n = torch.empty(R, S + 1, dtype=torch.int32, device=dev)
+    evict = torch.full((R, S), S + window, dtype=torch.int32, device=dev)
+    _walk[(NC, R)](
+        uc, ps, rank, iu, iv, bval, bpos, btyp, bu, starts, state_i, state_f,
+        tau_n, k_n, evict, S, topk, window, NC, TB=32, SLACK=F_SLACK, num_warps=1,
+    )
+    lists = torch.empty(R, NB, L, dtype=torch.int32, device=dev)
+    _block_lists[(NB, R)](ps, k_n, evict, lists, S, topk, window, NB, L, BMQ=block_m, BLK=128, num_warps=4)
+    n_frac = None
+    if fractional:
+        n_frac = prefix_fractional_counts(uc, tau_n, _Points.of(uc, order))[:, n_i]
+    tau = torch.where(seen_bad, float("nan"), tau_n)[:, n_i]
+    return Selection(tau, n_frac, evict, lists, topk, window, block_m)

@@ -1,0 +1,129 @@
+"""The Triton selection (sparsek_ops/kernels/selection.py) against the PyTorch one.
+
+Both must agree exactly on who is selected (eviction indices, the set of every gather list)
+and on tau up to float64 rounding; |F| comes from the same PyTorch function in both. On CPU the
+kernels run in Triton's interpreter (slow: the walk is sequential), so sizes stay small there;
+the `gpu` twins run at long sequences and also check that no host synchronisation happens.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsek_ops import backends, selection
+
+pytestmark = pytest.mark.skipif("triton" not in backends.names(), reason="triton is not installed")
+
+
+def gsel():
+    from sparsek_ops.kernels import selection as g
+    return g
+
+
+def scores(kind: str, R: int, S: int, seed: int, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        pool = torch.rand(4, generator=g, dtype=torch.float64) * 0.9
+        u = pool[torch.randint(0, 4, (1, R, S), generator=g)]
+    elif kind == "plateau":
+        u = torch.randint(-3, 4, (1, R, S), generator=g).double()
+    elif kind == "large":
+        u = torch.randn(1, R, S, generator=g, dtype=torch.float64) * 1e4
+    else:
+        u = torch.randn(1, R, S, generator=g, dtype=torch.float64) * 2
+    return u.float().to(device)
+
+
+def assert_same_selection(u, topk, window, block_m):
+    a = selection.select(u.cpu(), topk, window, block_m)
+    b = gsel().select(u, topk, window, block_m)
+    fin = torch.isfinite(a.tau)
+    tau_b = b.tau.cpu()
+    assert torch.equal(fin, torch.isfinite(tau_b)) and torch.equal(a.tau.isnan(), tau_b.isnan())
+    if fin.any():
+        scale = max(1.0, a.tau[fin].abs().max().item())
+        assert (a.tau[fin] - tau_b[fin]).abs().max().item() <= 1e-9 * scale
+    assert torch.equal(a.evict, b.evict.cpu().long())
+    assert a.block_index.shape == b.block_index.shape
+    # Same set per block (the Triton lists are in rank order, then position order).
+    la = a.block_index.sort(-1, descending=True).values
+    lb = b.block_index.cpu().long().sort(-1, descending=True).values
+    assert torch.equal(la, lb)
+    # |F| must agree with the F test on b's own tau (what the kernels use).
+    if b.n_frac is not None:
+        S = u.shape[-1]
+        n = selection.candidate_counts(S, window)
+        uu = torch.where(torch.isfinite(u.cpu().double()), u.cpu().double(), 0.0).reshape(-1, 1, S)
+        t = tau_b.reshape(-1, S, 1)
+        inF = (uu > t) & (uu < t + 1) & (torch.arange(S)[None, None, :] < n[None, :, None])
+        ok = tau_b.reshape(-1, S).isfinite()
+        assert torch.equal(torch.where(ok, inF.sum(-1), 0), torch.where(ok, b.n_frac.cpu().long().reshape(-1, S), 0))
+
+
+def _cpu_only():
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs only where there is no GPU; see the gpu tests")
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "plateau", "large"])
+@pytest.mark.parametrize("S,topk,window,block_m", [(150, 7, 3, 8), (97, 40, 0, 16), (64, 70, 2, 4), (33, 1, 5, 64)])
+def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m):
+    _cpu_only()
+    g = gsel()
+    # Short chunks, so that the walk crosses many chunk starts even at these sizes.
+    monkeypatch.setattr(g, "LIVE_PER_CHUNK", 5)
+    g._chunk_starts.cache_clear()
+    g.chunk_starts.cache_clear()
+    try:
+        assert_same_selection(scores(kind, 2, S, seed=S + topk), topk, window, block_m)
+    finally:
+        g._chunk_starts.cache_clear()
+        g.chunk_starts.cache_clear()
+
+
+def test_interpreter_nan_topk0_and_tiny():
+    _cpu_only()
+    u = scores("normal", 1, 40, seed=1)
+    u[0, 0, 17] = float("nan")
+    assert_same_selection(u, 5, 2, 8)
+    assert_same_selection(scores("normal", 1, 30, seed=2), 0, 4, 8)
+    assert_same_selection(scores("normal", 1, 1, seed=3), 1, 0, 64)
+
+
+@settings(max_examples=8)
+@given(S=st.integers(1, 90), topk=st.integers(1, 50), window=st.integers(0, 8),
+       block_m=st.sampled_from([1, 2, 8, 32]), kind=st.sampled_from(["normal", "ties", "plateau"]),
+       seed=st.integers(0, 1000))
+def test_interpreter_property(S, topk, window, block_m, kind, seed):
+    _cpu_only()
+    assert_same_selection(scores(kind, 1, S, seed), topk, window, block_m)
+
+
+def test_chunk_starts_cover_every_prefix_and_start_at_k_plus_1():
+    g = gsel()
+    for S, k in [(10, 3), (5000, 64), (32768, 1024), (100, 200)]:
+        st_ = g._chunk_starts(S, k)
+        assert st_[0] == 0 and list(st_) == sorted(set(st_)) and st_[-1] <= S
+        if k + 1 <= S:
+            assert k + 1 in st_
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["normal", "ties", "plateau", "large"])
+@pytest.mark.parametrize("S,topk,window,block_m", [(4096, 256, 256, 64), (20000, 1024, 1024, 8), (3000, 2999, 0, 16)])
+def test_gpu_matches_pytorch_selection(kind, S, topk, window, block_m):
+    assert_same_selection(scores(kind, 3, S, seed=S, device="cuda"), topk, window, block_m)
+
+
+@pytest.mark.gpu
+def test_gpu_selection_never_syncs_with_the_host():
+    g = gsel()
+    u = scores("normal", 4, 8192, seed=0, device="cuda")
+    g.select(u, 512, 512, 64)  # warm up: compile, cache the chunk starts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        g.select(u, 512, 512, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
