@@ -1,0 +1,74 @@
+"""Time the Triton selection (sparsek_ops/kernels/selection.py) on the GPU, phase by phase.
+
+    python bench/gpu_selection.py [--seqs 4096 32768 131072] [--kv 16 2] [--pairs 1024:1024] [--out DIR]
+
+For the standard workload (B * S = 32K tokens, at least B = 1): median ms of the whole selection
+(forward: no |F|; backward: with |F|), next to the PyTorch selection at the smaller sizes, and a
+per-kernel breakdown from torch.profiler. Block size 64 queries (Hkv = 16) or 8 (Hkv = 2, G = 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from triton.testing import do_bench
+
+from sparsek_ops import selection
+from sparsek_ops.kernels import selection as gsel
+
+
+def breakdown(fn) -> dict[str, float]:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = e.cuda_time_total
+        if t > 0:
+            out[e.key[:60]] = t / 3 / 1000  # ms per call
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[4096, 32768, 131072])
+    ap.add_argument("--kv", type=int, nargs="+", default=[16, 2])
+    ap.add_argument("--pairs", nargs="+", default=["1024:1024"])
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--torch-max", type=int, default=32768, help="largest S to also time the PyTorch selection at")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = ap.parse_args()
+    rows = []
+    for S in args.seqs:
+        B = max(1, args.tokens // S)
+        for pair in args.pairs:
+            topk, window = map(int, pair.split(":"))
+            for Hkv in args.kv:
+                bm = 64 if Hkv == 16 else 8
+                u = torch.randn(B, Hkv, S, device="cuda", generator=torch.Generator("cuda").manual_seed(S))
+                r = {"S": S, "B": B, "Hkv": Hkv, "topk": topk, "window": window, "block_m": bm}
+                r["triton_fwd_ms"] = do_bench(lambda: gsel.select(u, topk, window, bm, fractional=False),
+                                              warmup=5, rep=50, return_mode="median")
+                r["triton_bwd_ms"] = do_bench(lambda: gsel.select(u, topk, window, bm, fractional=True),
+                                              warmup=5, rep=50, return_mode="median")
+                if S <= args.torch_max:
+                    r["torch_fwd_ms"] = do_bench(lambda: selection.select(u, topk, window, bm, fractional=False),
+                                                 warmup=2, rep=10, return_mode="median")
+                r["kernels_ms"] = breakdown(lambda: gsel.select(u, topk, window, bm, fractional=True))
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_selection.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
