@@ -110,41 +110,68 @@ def _chunk_start(
         sB = tl.zeros([], tl.float64)
         shift = tl.zeros([], tl.float64)
     else:
-        # K: the rank at which the k-th position < a0 is met, in rank order.
+        # K, K1: the ranks at which the k-th and (k+1)-th positions < a0 are met, in rank order.
         seen = 0
         K = -1
+        K1 = -1
         r0 = 0
-        while K < 0:
+        while K1 < 0:
             rr = r0 + offs
             inside = (tl.load(ps + rr, mask=rr < S, other=big) < a0).to(tl.int32)
             cum = seen + tl.cumsum(inside, 0)
-            hit = (cum == k) & (inside > 0)
-            K = tl.max(tl.where(hit, rr, -1), 0)
+            K = tl.maximum(K, tl.max(tl.where((cum == k) & (inside > 0), rr, -1), 0))
+            K1 = tl.max(tl.where((cum == k + 1) & (inside > 0), rr, -1), 0)
             seen = seen + tl.sum(inside, 0)
             r0 += BLK
         tsize = k
-        # tau: the largest breakpoint index m with f(bval[m]) >= k - slack, by passes that try
-        # PIV pivots each. Invariant: pred(lo) true (f(min u - 1) = a0 > k), pred(hi) false.
-        lo = 0
-        hi = P - 1
+        # tau: the largest breakpoint index m with f(bval[m]) >= k - slack. Bracket: f >= k + 1 at
+        # v_{k+1} - 1 (breakpoint IVR[K1]) and f <= k - 1 at v_k (IUR[K]). Each pass tries PIV
+        # pivots; f = G(t) - G(t + 1), G(x) = sum over u > x of (u - x): the pairs above the
+        # bracket enter G through their count and sum alone, and only those inside the bracket
+        # (a band that narrows pass by pass) are compared with every pivot.
+        lo = tl.load(IVR + r * S + K1)
+        hi = tl.load(IUR + r * S + K)
         j = tl.arange(0, PIV)
+        kf = tl.full([], k, tl.float64) - SLACK
         while hi - lo > 1:
             m = lo + ((hi - lo) * (j + 1)) // (PIV + 1)
             m = tl.minimum(tl.maximum(m, lo + 1), hi - 1)
             t = tl.load(BVAL + r * P + m)
-            t_min = tl.min(t, 0)
-            f = tl.zeros([PIV], tl.float64)
+            t_lo = tl.load(BVAL + r * P + lo)
+            t_hi = tl.load(BVAL + r * P + hi)
+            t1 = t + 1.0
+            t_lo1 = t_lo + 1.0
+            t_hi1 = t_hi + 1.0
+            s1 = tl.zeros([BLK], tl.float64)
+            s2 = tl.zeros([BLK], tl.float64)
+            c1 = tl.zeros([BLK], tl.int32)
+            c2 = tl.zeros([BLK], tl.int32)
+            g1 = tl.zeros([PIV], tl.float64)
+            g2 = tl.zeros([PIV], tl.float64)
             r0 = 0
             go = True
             while go:
                 rr = r0 + offs
                 x = tl.load(vals + rr, mask=rr < S, other=float("-inf"))
-                pos = tl.load(ps + rr, mask=rr < S, other=big)
-                w = tl.where((pos < a0)[:, None], tl.minimum(tl.maximum(x[:, None] - t[None, :], 0.0), 1.0), 0.0)
-                f += tl.sum(w, 0)
-                go = (tl.min(x, 0) > t_min) & (r0 + BLK < S)
+                pres = tl.load(ps + rr, mask=rr < S, other=big) < a0
+                above1 = pres & (x > t_hi)
+                above2 = pres & (x > t_hi1)
+                s1 += tl.where(above1, x, 0.0)
+                c1 += above1.to(tl.int32)
+                s2 += tl.where(above2, x, 0.0)
+                c2 += above2.to(tl.int32)
+                band1 = pres & (x > t_lo) & ~above1
+                band2 = pres & (x > t_lo1) & ~above2
+                if tl.max((band1 | band2).to(tl.int32), 0) > 0:
+                    d1 = x[:, None] - t[None, :]
+                    d2 = x[:, None] - t1[None, :]
+                    g1 += tl.sum(tl.where(band1[:, None] & (d1 > 0), d1, 0.0), 0)
+                    g2 += tl.sum(tl.where(band2[:, None] & (d2 > 0), d2, 0.0), 0)
+                go = (tl.min(x, 0) > t_lo) & (r0 + BLK < S)
                 r0 += BLK
-            ok = f >= tl.full([], k, tl.float64) - SLACK
+            G1 = (tl.sum(s1, 0) - t * tl.sum(c1, 0)) + g1
+            G2 = (tl.sum(s2, 0) - t1 * tl.sum(c2, 0)) + g2
+            ok = (G1 - G2) >= kf
             new_lo = tl.max(tl.where(ok, m, lo), 0)
             new_hi = tl.min(tl.where(ok, hi, m), 0)
             lo = new_lo
