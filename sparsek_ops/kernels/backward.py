@@ -60,8 +60,6 @@ from ..selection import select
 from .common import (block_shift, fractional, in_window, pair_weights, queries_per_block, rows_per_tile,
                      selected, tile_rows)
 
-BLOCK_M = 64  # requested tile rows (queries x group heads); see common.rows_per_tile
-
 
 @triton.jit
 def _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
@@ -86,7 +84,7 @@ def _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
 
 @triton.jit
 def _bwd_query_block(
-    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, LISTS, DQ, CROW, DK, DV, DU,
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, LISTS, COUNTS, DQ, CROW, DK, DV, DU,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     S, L, NBQ, Hq, Hkv, window, scale,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
@@ -113,9 +111,11 @@ def _bwd_query_block(
         tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
         shift_b = block_shift(TAU + r64 * S, pid_m, S, BMQ)
         c_acc = tl.zeros([BM], tl.float64)
-        for start in range(0, L, BN):
+        # Gather lists are compact (padding at the end): walk only the block's COUNTS [R, NBQ] pairs.
+        n_sel = tl.load(COUNTS + r64 * NBQ + pid_m)
+        for start in range(0, n_sel, BN):
             offs_n = start + tl.arange(0, BN)
-            j = tl.load(LISTS + (r64 * NBQ + pid_m) * L + offs_n, mask=offs_n < L, other=-1)
+            j = tl.load(LISTS + (r64 * NBQ + pid_m) * L + offs_n, mask=offs_n < n_sel, other=-1)
             valid = j >= 0
             jc = tl.where(valid, j, 0)
             jc64 = jc.to(tl.int64)
@@ -251,15 +251,16 @@ def _bwd_key_block(
         tl.store(DU + r64 * S + jc64, du, mask=valid)
 
 
-def _block_n(BD: int, BDV: int) -> int:
-    """Keys per tile: 64, or 32 for head dims above 128 (the key kernel holds k, v, dk and dv
-    of its BN keys in registers)."""
-    return 64 if max(BD, BDV) <= 128 else 32
+def _tiles(BD: int, BDV: int) -> tuple[int, int, int]:
+    """(requested tile rows, keys per tile, pipeline stages) for padded head dims BD, BDV: 64, 64
+    and 2 up to 128; 32, 32 and 1 above, so that the q, do, k, v tiles and the key kernel's dk, dv
+    accumulators stay within registers and shared memory. Not tuned yet."""
+    return (64, 64, 2) if max(BD, BDV) <= 128 else (32, 32, 1)
 
 
 def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, u: Tensor,
              out: Tensor, lse: Tensor, topk: int, window: int, scale: float,
-             block_m: int = BLOCK_M, deterministic: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             block_m: int | None = None, deterministic: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of SPARSEK attention, same contract as ``cpu.backward``.
 
     grad_out [B, Hq, S, Dv], grad_lse [B, Hq, S] or None, q [B, Hq, S, D], k [B, Hkv, S, D],
@@ -267,7 +268,8 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     float64 inputs); any strides. Returns dq, dk, dv, du, each contiguous with the shape and dtype
     of its input.
 
-    ``block_m``: requested tile rows (``common.rows_per_tile``). ``deterministic``: no atomics, so
+    ``block_m``: requested tile rows (``common.rows_per_tile``; None: 64, or 32 for head dims
+    above 128). ``deterministic``: no atomics, so
     repeated calls are bitwise identical (slower, see the module docstring); None means
     ``torch.are_deterministic_algorithms_enabled()``. float64 inputs run ``cpu.backward``.
     """
@@ -279,14 +281,15 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     Hkv, Dv = k.shape[1], v.shape[-1]
     G, R = Hq // Hkv, B * Hkv
     dev = q.device
+    grad_out = grad_out.to(q.dtype)  # the dots want one dtype (no copy when it already is)
     if S == 0:
         return (torch.zeros(q.shape, dtype=q.dtype, device=dev), torch.zeros(k.shape, dtype=k.dtype, device=dev),
                 torch.zeros(v.shape, dtype=v.dtype, device=dev), torch.zeros(u.shape, dtype=u.dtype, device=dev))
-    BM = rows_per_tile(block_m, G)
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    bm, BN, stages = _tiles(BD, BDV)
+    BM = rows_per_tile(bm if block_m is None else block_m, G)
     BMQ = queries_per_block(BM, G)
     NBQ = -(-S // BMQ)
-    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
-    BN = _block_n(BD, BDV)
     has_sel, has_win = topk > 0, window > 0
 
     # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
@@ -303,9 +306,10 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
         evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
         lists = sel.block_index.to(torch.int32).contiguous()
         L = lists.shape[-1]
+        counts = (sel.block_index >= 0).sum(-1, dtype=torch.int32).contiguous()
     else:
         tau = torch.zeros(1, dtype=torch.float64, device=dev)
-        evict = lists = torch.zeros(1, dtype=torch.int32, device=dev)
+        evict = lists = counts = torch.zeros(1, dtype=torch.int32, device=dev)
         L = 0
     u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
 
@@ -322,14 +326,14 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     du = (torch.empty if deterministic and has_sel else torch.zeros)(R, S, dtype=torch.float64, device=dev)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM, BN=BN,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if key_kernel:
             _bwd_key_block[(-(-S // BN), Hkv, B)](
                 q, k, v, grad_out, lse32, shift, u64, tau, evict, dk, dv, du, *strides,
                 S, Hq, Hkv, window, scale, SELECTED=has_sel and deterministic, **common)
         _bwd_query_block[(NBQ, Hkv, B)](
-            q, k, v, grad_out, lse32, shift, u64, tau, evict, lists, dq, crow, dk, dv, du, *strides,
+            q, k, v, grad_out, lse32, shift, u64, tau, evict, lists, counts, dq, crow, dk, dv, du, *strides,
             S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, ATOMIC=atomic, **common)
     if has_sel:
         c = crow.sum(-1) / sel.n_frac.clamp_min(1)
