@@ -53,8 +53,10 @@ def block_shift(TAU_ROW, pid_m, S, BMQ: tl.constexpr):
 
 @triton.jit
 def clip01(x):
-    """clip(x, 0, 1) that keeps NaN, so a poisoned query comes out NaN; x = +inf gives 1."""
-    return tl.where(x != x, x, tl.minimum(tl.maximum(x, 0.0), 1.0))
+    """clip(x, 0, 1) that keeps NaN, so a poisoned query comes out NaN; x = +inf gives 1.
+    (NaN-propagating max/min: two instructions on the GPU, no select.)"""
+    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -89,9 +91,7 @@ def pair_weights(u_j, tau_i, shift):
     """[BM, BN] float32 weights ``clip(u_j - tau_i, 0, 1)`` from float64 scores u_j [BN] and
     thresholds tau_i [BM], both shifted by the block constant (block_shift) first. tau = -inf
     (every candidate kept) gives 1."""
-    u_s = (u_j - shift).to(tl.float32)
-    tau_s = (tau_i - shift).to(tl.float32)
-    return clip01(u_s[None, :] - tau_s[:, None])
+    return clip_weights(shifted(u_j, shift), shifted(tau_i, shift))
 
 
 @triton.jit
@@ -99,3 +99,75 @@ def fractional(u_j, tau_i):
     """[BM, BN] ``tau_i < u_j < tau_i + 1`` in float64: the very test of
     ``selection.prefix_fractional_counts``, so |F_i| and the pairs in F_i always agree."""
     return (u_j[None, :] > tau_i[:, None]) & (u_j[None, :] < tau_i[:, None] + 1.0)
+
+
+# ------------------------------------------------------------------ added for the GQA forward
+@triton.jit
+def shifted(x, shift):
+    """float64 scores or thresholds minus the block constant (block_shift), in float32. Doing
+    this once per key [BN] and once per row [BM] keeps float64 off the [BM, BN] tile."""
+    return (x - shift).to(tl.float32)
+
+
+@triton.jit
+def clip_weights(u_s, tau_s):
+    """[BM, BN] ``clip(u_s - tau_s, 0, 1)`` from already shifted float32 scores u_s [BN] and
+    thresholds tau_s [BM] (``pair_weights`` is this after ``shifted``)."""
+    return clip01(u_s[None, :] - tau_s[:, None])
+
+
+@triton.jit
+def finite_or_zero(x):
+    """x where finite, else 0 (per key). A non-finite score poisons, through tau = NaN, every query
+    that can select it; the other queries of a block must not meet it, not even as 0 * NaN."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def selects_all(j, real_j, evict_j, i0, i1, window):
+    """Scalar: every query of ``[i0, i1)`` selects every pair of the tile (and every slot holds a
+    pair), so the tile needs no ``selected`` mask. ``j + window <= i0`` and ``evict_j >= i1``."""
+    first = tl.max(tl.where(real_j, j + window, i1 + window + 1), 0)
+    stop = tl.min(tl.where(real_j, evict_j, i0), 0)
+    return (first <= i0) & (stop >= i1)
+
+
+@triton.jit
+def list_bound(LIST_ROW, L, NSAMP: tl.constexpr):
+    """An upper bound on the length n of a gather list (ascending, padded with -1 at the end) of
+    capacity L, from NSAMP evenly spaced entries in one vector load: with stride
+    ``c = ceil(L / NSAMP)``, the number of real samples is ``ceil(n / c)``, so the bound is
+    below ``n + c``. Loops over the list stop there instead of at L."""
+    c = (L + NSAMP - 1) // NSAMP
+    t = tl.arange(0, NSAMP) * c
+    x = tl.load(LIST_ROW + t, mask=t < L, other=-1)
+    return tl.minimum(tl.sum((x >= 0).to(tl.int32), 0) * c, L)
+
+
+@triton.jit
+def window_parts(i0, BMQ: tl.constexpr, S, window, BN: tl.constexpr):
+    """The window span of queries ``[i0, i0 + BMQ)``, positions ``[a, d)`` with
+    ``a = max(0, i0 - window + 1)``, ``d = min(i0 + BMQ, S)``, cut in BN-chunks: ``[a, b)`` and
+    ``[c, d)`` need the ``in_window`` mask, the chunks of ``[b, c)`` are seen by every query of the
+    block (``i0 + BMQ - window <= pos <= i0``, all in ``[0, S)``) and need none. ``[a, b)`` may run
+    past d (its keys are masked there). window >= 1."""
+    a = tl.maximum(i0 - window + 1, 0)
+    d = tl.minimum(i0 + BMQ, S)
+    f0 = tl.minimum(tl.maximum(i0 + BMQ - window, 0), d)  # first key every query sees
+    b = a + ((f0 - a + BN - 1) // BN) * BN
+    c = b + (tl.maximum(i0 + 1 - b, 0) // BN) * BN
+    return a, b, c, d
+
+
+@triton.jit
+def softmax_step_exp2(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
+    """``softmax_step`` for logits in base 2 (s = log2(e) * scale * p * q.k; the caller folds
+    log2(e) into q): the same running max m_i, sum l_i and output acc, with exp2 (one
+    instruction on the GPU) and the rescaled acc as the dot's accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    e = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(e, 1)
+    acc = tl.dot((e * w).to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc

@@ -1,147 +1,203 @@
-"""Triton forward of SPARSEK attention: one program per (block of BM queries, query head).
+"""Triton forward of SPARSEK attention: one program per (block of queries, KV head), the G query
+heads of the KV head's GQA group processed together, so every key gathered serves G heads.
 
-The program walks the block's gather list (selected pairs, ``selection.block_lists``) and then
-its window span, keeping one online softmax over both (DESIGN.md section 3, fact 3). Weights
-``p = clip(u_j - tau_i, 0, 1)`` are formed in float64 from scores and thresholds shifted by the
-block's first tau, then used in float32, so that large scores keep their precision.
+What a program does (DESIGN.md section 3, fact 3)
+    1. Loads its q tile once, scaled by ``scale * log2(e)`` and kept in the input dtype (the
+       softmax runs in base 2: ``exp2`` is one GPU instruction).
+    2. Walks its block's gather list (``Selection.block_index``): the selected pairs of its
+       queries, gathered by index in chunks of BN keys, stopping at an upper bound of the list's
+       true length (``common.list_bound``, from one vector load: no host sync). Weights
+       ``p = clip(u_j - tau_i, 0, 1)`` come from float64 scores and thresholds shifted by one
+       block constant (``common.block_shift``), subtracted per key / per row, then float32 on
+       the tile. A chunk whose pairs every query of the block selects (most chunks: pairs enter
+       at the end of the list and few are evicted per block) skips the ``selected`` mask.
+    3. Reads its window span, ``window + BMQ - 1`` consecutive keys, in one loop of chunks
+       (``common.window_parts``): the chunks of the left and right edges get the ``in_window``
+       mask, the middle ones, seen by every query of the block, none at all.
+    4. One online softmax (``common.softmax_step_exp2``) over both parts; writes o and the lse
+       (natural log, float32) that the backward needs.
 
-First version, correctness before speed: the dots run in the input dtype (tensor cores for
-bf16/fp16, IEEE float32 for float32: no TF32), with float32 accumulation and softmax; the G query heads of a group are separate programs (no reuse of
-the gathered keys yet), tile sizes are fixed, and the selection runs in PyTorch.
+Tile layout (``common.tile_rows``): ``BM = common.rows_per_tile(BLOCK_M, G)`` rows, row m =
+(query ``i0 + m // G``, query head ``h * G + m % G``), ``BMQ = BM // G`` queries per block,
+``i0 = pid_m * BMQ``. Rows past ``BMQ * G`` (G not a power of two) and queries ``>= S`` are
+padding: computed on, never stored. Dots run in the input dtype (tensor cores for bf16/fp16,
+IEEE float32 for float32: no TF32) with float32 accumulation; softmax state is float32.
+
+Tensors (R = B * Hkv rows of the selection, NB = ceil(S / BMQ) query blocks):
+    q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]: any strides, one dtype
+        (float16, bfloat16, float32); D, Dv: any sizes (tiles pad them to powers of two >= 16).
+    u [B, Hkv, S] scores, any strides (float32/float64 read as is, other dtypes upcast first).
+    tau [R, S] float64, evict [R, S] int, block_index [R, NB, L] int (ascending, -1 padded,
+        ``L = min(topk + BMQ, S)``): the Selection of ``selection_for`` with ``block_m = BMQ``.
+    out [B, Hq, S, Dv] (dtype of q), lse [B, Hq, S] float32.
+Grid: (NB, R), query blocks fastest, so the programs running together share a KV head and
+find its keys in L2.
+
+Not done yet: tile configs are a hand-picked table (``config``), not tuned on the GPU (see
+bench/gpu_forward_configs.py and bench/NOTES.md); no warp specialisation or TMA (the selected
+keys are a gather; Triton 3.6 has no TMA gather on Hopper); the softmax rescales acc every
+chunk (no lazy rescaling); the selection itself runs in PyTorch (``selection_for``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import cpu
 from ..cpu import lse_dtype
-from ..selection import select
+from ..selection import Selection, select
+from . import common
 
-
-@triton.jit
-def _softmax_step(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
-    """One step of the online softmax over a tile of logits s [BM, BN] (-inf: not attended):
-    the running max m_i, sum l_i and output acc, with the weights multiplied by w (p, or 1)
-    before they meet the values v [BN, DV]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    e = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(e, 1)
-    acc = acc * alpha[:, None] + tl.dot((e * w).to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+LOG2E = 1.4426950408889634
+LIST_SAMPLES = 128  # entries sampled by common.list_bound
 
 
 @triton.jit
 def _sparsek_fwd(
     Q, K, V, U, TAU, EVICT, LISTS, OUT, LSE,
-    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    S, L, NB, Hq, Hkv, G, window, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod, sub, suh, sus,
+    S, L, NB, Hkv, window, qscale,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HAS_SEL: tl.constexpr, NSAMP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    BMQ: tl.constexpr = BM // G
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    hq = pid_bh % Hq
-    h = hq // G
-    r = b * Hkv + h
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    in_seq = offs_m < S
+    r = tl.program_id(1)
+    b = (r // Hkv).to(tl.int64)
+    h = r % Hkv
+    i0 = pid_m * BMQ
+    qi, g, real = common.tile_rows(pid_m, S, BM, G)
+    hq = (h * G + g).to(tl.int64)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=in_seq[:, None] & (offs_d[None, :] < D), other=0.0)
-    q = (q * scale).to(Q.dtype.element_ty)  # dots in the input dtype (tensor cores for bf16/fp16)
-    tau = tl.load(TAU + r * S + tl.minimum(offs_m, S - 1))  # float64
-    shift = tl.load(TAU + r * S + tl.minimum(pid_m * BM, S - 1))
-    shift = tl.where(shift == shift, shift, 0.0)  # NaN (poisoned block): no shift
-    shift = tl.where(shift == float("-inf"), 0.0, shift)
-    tau_s = (tau - shift).to(tl.float32)
+    q = tl.load(Q + b * sqb + hq[:, None] * sqh + qi[:, None].to(tl.int64) * sqs + offs_d[None, :] * sqd,
+                mask=real[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = (q * qscale).to(Q.dtype.element_ty)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    kbase = K + b * skb + h * skh
-    vbase = V + b * svb + h * svh
-    # Selected pairs of this block.
-    for start in range(0, L, BN):
-        offs_n = start + tl.arange(0, BN)
-        j = tl.load(LISTS + (r * NB + pid_m) * L + offs_n, mask=offs_n < L, other=-1)
-        valid = j >= 0
-        jc = tl.where(valid, j, 0)
-        kj = tl.load(kbase + jc[:, None] * sks + offs_d[None, :] * skd,
-                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        vj = tl.load(vbase + jc[:, None] * svs + offs_dv[None, :] * svd,
-                     mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        uj = tl.load(U + r * S + jc, mask=valid, other=0.0)  # float64
-        stop = tl.load(EVICT + r * S + jc, mask=valid, other=0)
-        u_s = (uj - shift).to(tl.float32)
-        x = u_s[None, :] - tau_s[:, None]
-        # clip(x, 0, 1) that keeps NaN (a poisoned query must come out NaN); tau = -inf gives 1.
-        p = tl.where(x != x, x, tl.minimum(tl.maximum(x, 0.0), 1.0))
-        ok = valid[None, :] & (jc[None, :] + window <= offs_m[:, None]) & (offs_m[:, None] < stop[None, :])
-        s = tl.dot(q, tl.trans(kj), input_precision=PRECISION) * p
-        s = tl.where(ok, s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, p, vj, PRECISION)
-    # Window span of this block: positions pid_m*BM - window + 1 .. pid_m*BM + BM - 1.
+    kbase = K + b * skb + h.to(tl.int64) * skh
+    vbase = V + b * svb + h.to(tl.int64) * svh
+    dmask = offs_d[None, :] < D
+    dvmask = offs_dv[None, :] < DV
+    if HAS_SEL:
+        ubase = U + b * sub + h.to(tl.int64) * suh
+        TAU_ROW = TAU + r.to(tl.int64) * S
+        EVICT_ROW = EVICT + r.to(tl.int64) * S
+        LIST_ROW = LISTS + (r.to(tl.int64) * NB + pid_m) * L
+        shift = common.block_shift(TAU_ROW, pid_m, S, BMQ)
+        tau_s = common.shifted(tl.load(TAU_ROW + tl.minimum(qi, S - 1)), shift)  # [BM], NaN: poisoned
+        for start in range(0, common.list_bound(LIST_ROW, L, NSAMP), BN):
+            offs = start + tl.arange(0, BN)
+            jr = tl.load(LIST_ROW + offs, mask=offs < L, other=-1).to(tl.int32)
+            real_j = jr >= 0
+            j = tl.where(real_j, jr, 0)  # padding slots read position 0 and are masked
+            jo = j.to(tl.int64)
+            kt = tl.load(kbase + jo[:, None] * sks + offs_d[None, :] * skd, mask=dmask, other=0.0)
+            vt = tl.load(vbase + jo[:, None] * svs + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
+            u_j = common.finite_or_zero(tl.load(ubase + jo * sus).to(tl.float64))
+            ev = tl.load(EVICT_ROW + jo).to(tl.int32)
+            p = common.clip_weights(common.shifted(u_j, shift), tau_s)
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * p
+            if common.selects_all(j, real_j, ev, i0, i0 + BMQ, window) == 0:
+                s = tl.where(common.selected(j, real_j, ev, qi, window), s, float("-inf"))
+            m_i, l_i, acc = common.softmax_step_exp2(m_i, l_i, acc, s, p, vt, PRECISION)
     if window > 0:
-        lo = pid_m * BM - window + 1
-        for start in range(0, window + BM - 1, BN):
-            pos = lo + start + tl.arange(0, BN)
-            valid = (pos >= 0) & (pos < S)
-            pc = tl.where(valid, pos, 0)
-            kj = tl.load(kbase + pc[:, None] * sks + offs_d[None, :] * skd,
-                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            vj = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd,
-                         mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            ok = valid[None, :] & (pos[None, :] <= offs_m[:, None]) & (pos[None, :] > offs_m[:, None] - window)
-            s = tl.dot(q, tl.trans(kj), input_precision=PRECISION)
-            s = tl.where(ok, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, 1.0, vj, PRECISION)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+        # One loop over the span: the chunks of [b, c) are seen by every query, the edges are masked.
+        a, b_full, c_full, d = common.window_parts(i0, BMQ, S, window, BN)
+        for p0 in range(a, tl.maximum(c_full, d), BN):
+            pos = p0 + tl.arange(0, BN)
+            pc = tl.minimum(pos, S - 1).to(tl.int64)  # the right edge may run past S
+            kt = tl.load(kbase + pc[:, None] * sks + offs_d[None, :] * skd, mask=dmask, other=0.0)
+            vt = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            if (p0 < b_full) | (p0 >= c_full):
+                s = tl.where(common.in_window(pos, pos < S, qi, window), s, float("-inf"))
+            m_i, l_i, acc = common.softmax_step_exp2(m_i, l_i, acc, s, 1.0, vt, PRECISION)
+    # l = 0: the row saw nothing (padding only). l = NaN (poisoned row) stays NaN in o and lse.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
-    tl.store(OUT + b * sob + hq * soh + offs_m[:, None] * sos + offs_dv[None, :] * sod,
-             o.to(OUT.dtype.element_ty), mask=in_seq[:, None] & (offs_dv[None, :] < DV))
-    lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
-    tl.store(LSE + (b * Hq + hq) * S + offs_m, lse, mask=in_seq)
+    qo = qi[:, None].to(tl.int64)
+    tl.store(OUT + b * sob + hq[:, None] * soh + qo * sos + offs_dv[None, :] * sod,
+             o.to(OUT.dtype.element_ty), mask=real[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + ((b * Hkv + h) * G + g) * S + qi, lse, mask=real)
 
 
-BLOCK_M = 32
-BLOCK_N = 32
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration. block_m: requested tile rows (``common.rows_per_tile`` raises it to
+    a power of two >= G; the block has ``rows // G`` queries); block_n: keys per chunk."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def config(D: int, Dv: int, dtype: torch.dtype, G: int) -> Config:
+    """Tile sizes for head dims D, Dv, the input dtype and the group size G. Hand-picked, to be
+    confirmed on the GPU by bench/gpu_forward_configs.py (G only matters through rows_per_tile)."""
+    width = max(D, Dv)
+    if dtype == torch.float32:  # IEEE float32 dots run on FMA units: small tiles, few registers
+        return Config(64, 32, 4, 2) if width <= 128 else Config(32, 32, 4, 1)
+    if width <= 64:
+        return Config(128, 64, 4, 3)
+    if width <= 128:
+        return Config(128, 64, 8, 2)
+    return Config(64, 32, 8, 2)
+
+
+def selection_for(u: Tensor, topk: int, window: int, block_m: int) -> Selection:
+    """The one place the forward gets its selection (tau, evict and the gather lists of blocks of
+    ``block_m`` queries): swap a GPU selection with the same Selection contract in here."""
+    return select(u, topk, window, block_m=block_m, fractional=False)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, scale: float,
-            block_m: int = BLOCK_M) -> tuple[Tensor, Tensor]:
-    """Same contract as ``cpu.forward``."""
+            cfg: Config | None = None, sel: Selection | None = None) -> tuple[Tensor, Tensor]:
+    """Same contract as ``cpu.forward``. ``cfg`` overrides ``config``; ``sel`` passes a
+    precomputed selection (its ``block_m`` must be this config's queries per block; benchmarks
+    use it to time the kernel alone). No host sync."""
+    if q.dtype == torch.float64:  # the kernel keeps float32 softmax state: float64 takes the PyTorch path
+        return cpu.forward(q, k, v, u, topk, window, scale)
     B, Hq, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    cfg = cfg or config(D, Dv, q.dtype, G)
+    BM = common.rows_per_tile(cfg.block_m, G)
+    BMQ = common.queries_per_block(BM, G)
     out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     if S == 0:
         return out, lse.to(lse_dtype(q.dtype))
     R = B * Hkv
-    NB = -(-S // block_m)
+    NB = -(-S // BMQ)
+    if u.dtype not in (torch.float32, torch.float64):
+        u = u.float()
     if topk > 0:
-        sel = select(u, topk, window, block_m, fractional=False)
-        tau = sel.tau.contiguous()
-        evict = sel.evict.to(torch.int32).contiguous()
-        lists = sel.block_index.to(torch.int32).contiguous()
+        if sel is None:
+            sel = selection_for(u, topk, window, BMQ)
+        if sel.block_m != BMQ:
+            raise ValueError(f"selection built for blocks of {sel.block_m} queries, the kernel uses {BMQ}")
+        tau, evict, lists = sel.tau.contiguous(), sel.evict.contiguous(), sel.block_index.contiguous()
         L = lists.shape[-1]
     else:
-        tau = torch.zeros(R, S, dtype=torch.float64, device=q.device)
-        evict = torch.zeros(R, S, dtype=torch.int32, device=q.device)
-        lists = torch.zeros(1, dtype=torch.int32, device=q.device)
+        tau = evict = lists = torch.empty(1, dtype=torch.int32, device=q.device)
         L = 0
-    u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
-    grid = (NB, B * Hq)
-    _sparsek_fwd[grid](
-        q, k, v, u64, tau, evict, lists, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        S, L, NB, Hq, Hkv, Hq // Hkv, window, scale,
-        D=D, DV=Dv, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)),
-        BM=block_m, BN=BLOCK_N, PRECISION="ieee",
+    _sparsek_fwd[(NB, R)](
+        q, k, v, u, tau, evict, lists, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *u.stride(),
+        S, L, NB, Hkv, window, scale * LOG2E,
+        G=G, D=D, DV=Dv, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)),
+        BM=BM, BN=cfg.block_n, HAS_SEL=L > 0, NSAMP=LIST_SAMPLES, PRECISION="ieee",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse.to(lse_dtype(q.dtype))
