@@ -67,12 +67,15 @@ def _cpu_only():
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "plateau", "large"])
-@pytest.mark.parametrize("S,topk,window,block_m", [(150, 7, 3, 8), (97, 40, 0, 16), (64, 70, 2, 4), (33, 1, 5, 64)])
-def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m):
+@pytest.mark.parametrize("S,topk,window,block_m,order", [(150, 7, 3, 8, 0.0), (97, 40, 0, 16, 1e9), (64, 70, 2, 4, 4.0),
+                                                         (33, 1, 5, 64, 4.0)])
+def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m, order):
     _cpu_only()
     g = gsel()
-    # Short chunks, so that the walk crosses many chunk starts even at these sizes.
+    # Short chunks, so that the walk crosses many chunk starts even at these sizes; chunk starts
+    # solved in rank order (order 0), position order (1e9) or both (4).
     monkeypatch.setattr(g, "LIVE_PER_CHUNK", 5)
+    monkeypatch.setattr(g, "RANK_ORDER", order)
     g._chunk_starts.cache_clear()
     g.chunk_starts.cache_clear()
     try:

@@ -52,6 +52,7 @@ LIVE_PER_CHUNK = 64
 LIVE_RATE = 3.0
 MAX_CHUNK = 4096
 PIVOTS = 16  # breakpoints tried per pass of the start search (passes ~ log_17(2S))
+RANK_ORDER = 4.0  # chunk starts scan in rank order from a0 >= sqrt(RANK_ORDER * (k + 1) * S)
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,56 +80,150 @@ def chunk_starts(S: int, k: int, device: torch.device) -> Tensor:
 
 
 @triton.jit
+def _item(X, PSX, i, n_items, a0, BY_RANK):
+    """Item i of a scan: its score and whether it is among the first a0 positions. By rank, the
+    items are all S scores in descending order (PSX: their positions); by position, the first
+    a0 scores."""
+    inr = i < n_items
+    x = tl.load(X + i, mask=inr, other=float("-inf"))
+    if BY_RANK:
+        pres = tl.load(PSX + i, mask=inr, other=2147483647) < a0
+    else:
+        pres = inr
+    return x, pres
+
+
+@triton.jit
+def _f_pass(X, PSX, n_items, a0, BY_RANK, t, t_lo, t_hi, PIV: tl.constexpr, BLK: tl.constexpr):
+    """f(t_j) = sum over present scores of clip(u - t_j, 0, 1) for the PIV pivots t_j, which lie
+    in [t_lo, t_hi]. f = G(t) - G(t + 1), G(x) = sum over u > x of (u - x): scores above t_hi (or
+    t_hi + 1) enter G by their count and sum alone; only those in the band (t_lo, t_hi] (or
+    (t_lo + 1, t_hi + 1]) meet every pivot. By rank, the scan stops below t_lo."""
+    offs = tl.arange(0, BLK)
+    t1 = t + 1.0
+    t_lo1 = t_lo + 1.0
+    t_hi1 = t_hi + 1.0
+    s1 = tl.zeros([BLK], tl.float64)
+    s2 = tl.zeros([BLK], tl.float64)
+    c1 = tl.zeros([BLK], tl.int32)
+    c2 = tl.zeros([BLK], tl.int32)
+    g1 = tl.zeros([PIV], tl.float64)
+    g2 = tl.zeros([PIV], tl.float64)
+    i0 = 0
+    go = n_items > 0
+    while go:
+        x, pres = _item(X, PSX, i0 + offs, n_items, a0, BY_RANK)
+        above1 = pres & (x > t_hi)
+        above2 = pres & (x > t_hi1)
+        s1 += tl.where(above1, x, 0.0)
+        c1 += above1.to(tl.int32)
+        s2 += tl.where(above2, x, 0.0)
+        c2 += above2.to(tl.int32)
+        band1 = pres & (x > t_lo) & ~above1
+        band2 = pres & (x > t_lo1) & ~above2
+        if tl.max((band1 | band2).to(tl.int32), 0) > 0:
+            d1 = x[:, None] - t[None, :]
+            d2 = x[:, None] - t1[None, :]
+            g1 += tl.sum(tl.where(band1[:, None] & (d1 > 0), d1, 0.0), 0)
+            g2 += tl.sum(tl.where(band2[:, None] & (d2 > 0), d2, 0.0), 0)
+        i0 += BLK
+        go = i0 < n_items
+        if BY_RANK:
+            go = go & (tl.min(x, 0) > t_lo)
+    G1 = (tl.sum(s1, 0) - t * tl.sum(c1, 0)) + g1
+    G2 = (tl.sum(s2, 0) - t1 * tl.sum(c2, 0)) + g2
+    return G1 - G2
+
+
+@triton.jit
 def _chunk_start(
-    VALS, PS, RANK, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
-    S, k, NC,
+    U, VALS, PS, RANK, IU, IV, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
+    S, k, NC, rank_order_from,
     PIV: tl.constexpr, BLK: tl.constexpr, SLACK: tl.constexpr,
 ):
-    """Solve the first prefix of chunk c from scratch. Writes STATE_I[r, c] = (ptr, cA, cB, K,
-    tsize) and STATE_F[r, c] = (tau, sA, sB, shift); see _walk for their meaning."""
+    """Solve the first prefix (a0 pairs) of chunk c from scratch. Writes STATE_I[r, c] = (ptr, cA,
+    cB, K, tsize) and STATE_F[r, c] = (tau, sA, sB, shift); see _walk for their meaning.
+
+    The scans run over the scores in rank order when a0 >= rank_order_from (late chunks: the
+    k + 1 best positions < a0 are met early, and only scores above the bracket are read), else
+    over the first a0 positions (early chunks: a0 is small)."""
     c = tl.program_id(0)
     r = tl.program_id(1)
     a0 = tl.load(STARTS + c)
-    vals = VALS + r * S  # scores by rank (descending); padded rows end with -inf
-    ps = PS + r * S
     P = 2 * S
     offs = tl.arange(0, BLK)
     big: tl.constexpr = 2147483647
+    tsize = tl.minimum(a0, k)
+    ptr = 0
+    cA = 0
+    cB = 0
+    tau = tl.full([], float("-inf"), tl.float64)
+    sA = tl.zeros([], tl.float64)
+    sB = tl.zeros([], tl.float64)
+    shift = tl.zeros([], tl.float64)
+    by_rank = a0 >= rank_order_from
+    if by_rank:
+        X = VALS + r * S
+        PSX = PS + r * S
+        IUX = IUR + r * S
+        IVX = IVR + r * S
+        n_items = S
+    else:
+        X = U + r * S
+        PSX = PS + r * S  # unused by position
+        IUX = IU + r * S
+        IVX = IV + r * S
+        n_items = a0
+    K = -1
+    K1 = -1
     if a0 <= k:
-        # Fewer than k + 1 candidates: all are kept. K = the largest rank among them.
+        # At most k candidates: all are kept. K = the largest rank among them.
         kk = tl.full([BLK], -1, tl.int32)
         for p0 in range(0, a0, BLK):
             pos = p0 + offs
             kk = tl.maximum(kk, tl.load(RANK + r * S + pos, mask=pos < a0, other=-1))
         K = tl.max(kk, 0)
-        tsize = a0
-        ptr = 0
-        cA = 0
-        cB = 0
-        tau = tl.full([], float("-inf"), tl.float64)
-        sA = tl.zeros([], tl.float64)
-        sB = tl.zeros([], tl.float64)
-        shift = tl.zeros([], tl.float64)
-    else:
-        # K, K1: the ranks at which the k-th and (k+1)-th positions < a0 are met, in rank order.
+    elif by_rank:
+        # K, K1: the ranks at which the k-th and (k+1)-th positions < a0 are met.
         seen = 0
-        K = -1
-        K1 = -1
         r0 = 0
         while K1 < 0:
             rr = r0 + offs
-            inside = (tl.load(ps + rr, mask=rr < S, other=big) < a0).to(tl.int32)
+            inside = (tl.load(PSX + rr, mask=rr < S, other=big) < a0).to(tl.int32)
             cum = seen + tl.cumsum(inside, 0)
             K = tl.maximum(K, tl.max(tl.where((cum == k) & (inside > 0), rr, -1), 0))
             K1 = tl.max(tl.where((cum == k + 1) & (inside > 0), rr, -1), 0)
             seen = seen + tl.sum(inside, 0)
             r0 += BLK
-        tsize = k
-        # tau: the largest breakpoint index m with f(bval[m]) >= k - slack. Bracket: f >= k + 1 at
-        # v_{k+1} - 1 (breakpoint IVR[K1]) and f <= k - 1 at v_k (IUR[K]). Each pass tries PIV
-        # pivots; f = G(t) - G(t + 1), G(x) = sum over u > x of (u - x): the pairs above the
-        # bracket enter G through their count and sum alone, and only those inside the bracket
-        # (a band that narrows pass by pass) are compared with every pivot.
+    else:
+        # K: the smallest rank R with k of the first a0 ranks <= R, by pivot passes over them.
+        j = tl.arange(0, PIV)
+        lo_r = -1  # count(<= lo_r) < k
+        hi_r = S - 1  # count(<= hi_r) >= k
+        while hi_r - lo_r > 1:
+            m = lo_r + ((hi_r - lo_r) * (j + 1)) // (PIV + 1)
+            m = tl.minimum(tl.maximum(m, lo_r + 1), hi_r - 1)
+            cnt = tl.zeros([PIV], tl.int32)
+            for p0 in range(0, a0, BLK):
+                pos = p0 + offs
+                rk = tl.load(RANK + r * S + pos, mask=pos < a0, other=big)
+                cnt += tl.sum((rk[:, None] <= m[None, :]).to(tl.int32), 0)
+            ok = cnt >= k
+            new_hi = tl.min(tl.where(ok, m, hi_r), 0)
+            new_lo = tl.max(tl.where(ok, lo_r, m), 0)
+            hi_r = new_hi
+            lo_r = new_lo
+        K = hi_r
+        nxt = tl.full([BLK], big, tl.int32)
+        for p0 in range(0, a0, BLK):
+            pos = p0 + offs
+            rk = tl.load(RANK + r * S + pos, mask=pos < a0, other=big)
+            nxt = tl.minimum(nxt, tl.where(rk > K, rk, big))
+        K1 = tl.min(nxt, 0)
+    if a0 > k:
+        # tau: the largest breakpoint index m with f(bval[m]) >= k - slack, the rule of
+        # selection.prefix_threshold. Bracket: f >= k + 1 at v_{k+1} - 1 (breakpoint IVR[K1])
+        # and f <= k - 1 at v_k (breakpoint IUR[K]).
         lo = tl.load(IVR + r * S + K1)
         hi = tl.load(IUR + r * S + K)
         j = tl.arange(0, PIV)
@@ -139,39 +234,7 @@ def _chunk_start(
             t = tl.load(BVAL + r * P + m)
             t_lo = tl.load(BVAL + r * P + lo)
             t_hi = tl.load(BVAL + r * P + hi)
-            t1 = t + 1.0
-            t_lo1 = t_lo + 1.0
-            t_hi1 = t_hi + 1.0
-            s1 = tl.zeros([BLK], tl.float64)
-            s2 = tl.zeros([BLK], tl.float64)
-            c1 = tl.zeros([BLK], tl.int32)
-            c2 = tl.zeros([BLK], tl.int32)
-            g1 = tl.zeros([PIV], tl.float64)
-            g2 = tl.zeros([PIV], tl.float64)
-            r0 = 0
-            go = True
-            while go:
-                rr = r0 + offs
-                x = tl.load(vals + rr, mask=rr < S, other=float("-inf"))
-                pres = tl.load(ps + rr, mask=rr < S, other=big) < a0
-                above1 = pres & (x > t_hi)
-                above2 = pres & (x > t_hi1)
-                s1 += tl.where(above1, x, 0.0)
-                c1 += above1.to(tl.int32)
-                s2 += tl.where(above2, x, 0.0)
-                c2 += above2.to(tl.int32)
-                band1 = pres & (x > t_lo) & ~above1
-                band2 = pres & (x > t_lo1) & ~above2
-                if tl.max((band1 | band2).to(tl.int32), 0) > 0:
-                    d1 = x[:, None] - t[None, :]
-                    d2 = x[:, None] - t1[None, :]
-                    g1 += tl.sum(tl.where(band1[:, None] & (d1 > 0), d1, 0.0), 0)
-                    g2 += tl.sum(tl.where(band2[:, None] & (d2 > 0), d2, 0.0), 0)
-                go = (tl.min(x, 0) > t_lo) & (r0 + BLK < S)
-                r0 += BLK
-            G1 = (tl.sum(s1, 0) - t * tl.sum(c1, 0)) + g1
-            G2 = (tl.sum(s2, 0) - t1 * tl.sum(c2, 0)) + g2
-            ok = (G1 - G2) >= kf
+            ok = _f_pass(X, PSX, n_items, a0, by_rank, t, t_lo, t_hi, PIV, BLK) >= kf
             new_lo = tl.max(tl.where(ok, m, lo), 0)
             new_hi = tl.min(tl.where(ok, hi, m), 0)
             lo = new_lo
@@ -181,27 +244,31 @@ def _chunk_start(
         # Counts and sums of the linear piece right of b_lo: A = {u > b_lo} (u-breakpoint not yet
         # crossed), B = {u - 1 > b_lo}; sums of (u - shift), shift = b_lo, to keep them small.
         shift = b_lo
-        cA = 0
-        cB = 0
-        sA = tl.zeros([], tl.float64)
-        sB = tl.zeros([], tl.float64)
-        r0 = 0
+        cAv = tl.zeros([BLK], tl.int32)
+        cBv = tl.zeros([BLK], tl.int32)
+        sAv = tl.zeros([BLK], tl.float64)
+        sBv = tl.zeros([BLK], tl.float64)
+        i0 = 0
         go = True
         while go:
-            rr = r0 + offs
-            inr = rr < S
-            x = tl.load(vals + rr, mask=inr, other=float("-inf"))
-            pos = tl.load(ps + rr, mask=inr, other=big)
-            iu = tl.load(IUR + r * S + rr, mask=inr, other=-1)
-            iv = tl.load(IVR + r * S + rr, mask=inr, other=-1)
-            inA = (pos < a0) & (iu >= ptr)
-            inB = (pos < a0) & (iv >= ptr)
-            cA += tl.sum(inA.to(tl.int32), 0)
-            cB += tl.sum(inB.to(tl.int32), 0)
-            sA += tl.sum(tl.where(inA, x - shift, 0.0), 0)
-            sB += tl.sum(tl.where(inB, x - shift, 0.0), 0)
-            go = (tl.min(x, 0) > b_lo) & (r0 + BLK < S)
-            r0 += BLK
+            i = i0 + offs
+            x, pres = _item(X, PSX, i, n_items, a0, by_rank)
+            iu = tl.load(IUX + i, mask=i < n_items, other=-1)
+            iv = tl.load(IVX + i, mask=i < n_items, other=-1)
+            inA = pres & (iu >= ptr)
+            inB = pres & (iv >= ptr)
+            cAv += inA.to(tl.int32)
+            cBv += inB.to(tl.int32)
+            sAv += tl.where(inA, x - shift, 0.0)
+            sBv += tl.where(inB, x - shift, 0.0)
+            i0 += BLK
+            go = i0 < n_items
+            if by_rank:
+                go = go & (tl.min(x, 0) > b_lo)
+        cA = tl.sum(cAv, 0)
+        cB = tl.sum(cBv, 0)
+        sA = tl.sum(sAv, 0)
+        sB = tl.sum(sBv, 0)
         b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
         b_hi = tl.where(ptr < P, b_hi, float("inf"))
         tau = _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi)
@@ -440,9 +507,12 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     NC = starts.numel() - 1
     state_i = torch.empty(R, NC, 5, dtype=torch.int32, device=dev)
     state_f = torch.empty(R, NC, 4, dtype=torch.float64, device=dev)
+    # Rank order pays about (k + 1) * S / a0 ranks to meet the k + 1 best of the first a0
+    # positions; position order pays a0 per pass: switch where they cross (random order model).
+    rank_order_from = int(math.sqrt(RANK_ORDER * (topk + 1) * S))
     _chunk_start[(NC, R)](
-        vals.contiguous(), ps, rank, iur, ivr, bval.contiguous(), starts, state_i, state_f,
-        S, topk, NC, PIV=PIVOTS, BLK=256, SLACK=F_SLACK, num_warps=4,
+        uc, vals.contiguous(), ps, rank, iu, iv, iur, ivr, bval.contiguous(), starts, state_i, state_f,
+        S, topk, NC, rank_order_from, PIV=PIVOTS, BLK=256, SLACK=F_SLACK, num_warps=4,
     )
     tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
     k_n = torch.empty(R, S + 1, dtype=torch.int32, device=dev)
