@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One lease on the lent GPU machine (the `device` tool), run from the repository root:
-#   bash bench/gpu_run.sh
-# Records the environment, runs the GPU tests (marker `gpu`) and the whole CPU suite on that
-# machine's torch (2.11 there: our oldest supported version), then the GPU benchmark
-# (bench/gpu_bench.py), and writes every log under $OUT.
+#   bash bench/gpu_run.sh [quick]
+# Records the environment, runs the GPU tests (marker `gpu`: the Triton path against the
+# reference, the selection against the PyTorch one, determinism, the 128K stress), the Triton
+# kernels under compute-sanitizer at a smaller S (out-of-bounds checks) where the machine has it,
+# the whole CPU suite on that machine's torch (2.11 there: our oldest supported version), then
+# the GPU benchmark (bench/gpu_bench.py). Every log goes under $OUT. "quick" skips the CPU suite
+# and the sanitizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -15,11 +18,20 @@ import platform, torch, triton
 print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
 print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 PY
-python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-workers=$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")
-xdist=""
-python3 -c "import xdist" 2>/dev/null && xdist="-n $workers"
-OMP_NUM_THREADS=2 python3 -m pytest -q -m "not gpu" tests $xdist -p no:cacheprovider 2>&1 | tee "$OUT/cpu_tests.log" || status=1
+python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests.log" || status=1
+if [ "${1:-}" != "quick" ]; then
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [ -n "$san" ]; then
+    SPARSEK_STRESS_S=4096 timeout 400 "$san" --tool memcheck --print-limit 20 \
+      python3 -m pytest -q -x -m gpu tests/test_gpu_stress.py -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/sanitizer.log" || status=1
+  else
+    echo "compute-sanitizer not found on this machine" | tee "$OUT/sanitizer.log"
+  fi
+  workers=$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")
+  xdist=""
+  python3 -c "import xdist" 2>/dev/null && xdist="-n $workers"
+  OMP_NUM_THREADS=2 python3 -m pytest -q -m "not gpu" tests $xdist -p no:cacheprovider 2>&1 | tail -n 15 | tee "$OUT/cpu_tests.log" || status=1
+fi
 python3 bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
-tail -n 3 "$OUT/gpu_tests.log" "$OUT/cpu_tests.log"
+tail -n 3 "$OUT/gpu_tests.log"
 exit $status
