@@ -52,6 +52,7 @@ LIVE_PER_CHUNK = 64
 LIVE_RATE = 3.0
 MAX_CHUNK = 4096
 PIVOTS = 16  # breakpoints tried per pass of the start search (passes ~ log_17(2S))
+START_BLOCK, START_WARPS = 256, 4  # chunk-start tiles (scores per step) and warps
 RANK_ORDER = 4.0  # chunk starts scan in rank order from a0 >= sqrt(RANK_ORDER * (k + 1) * S)
 
 
@@ -512,7 +513,7 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     rank_order_from = int(math.sqrt(RANK_ORDER * (topk + 1) * S))
     _chunk_start[(NC, R)](
         uc, vals.contiguous(), ps, rank, iu, iv, iur, ivr, bval.contiguous(), starts, state_i, state_f,
-        S, topk, NC, rank_order_from, PIV=PIVOTS, BLK=256, SLACK=F_SLACK, num_warps=4,
+        S, topk, NC, rank_order_from, PIV=PIVOTS, BLK=START_BLOCK, SLACK=F_SLACK, num_warps=START_WARPS,
     )
     tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
     k_n = torch.empty(R, S + 1, dtype=torch.int32, device=dev)
