@@ -48,11 +48,11 @@ from ..selection import Selection, _Points, candidate_counts, prefix_fractional_
 
 # Chunking: about LIVE_PER_CHUNK pairs that change the selection per chunk, with the rough
 # model "a pair at prefix n is live with probability min(1, LIVE_RATE * k / n)".
-LIVE_PER_CHUNK = 64
+LIVE_PER_CHUNK = 128
 LIVE_RATE = 3.0
 MAX_CHUNK = 4096
-PIVOTS = 16  # breakpoints tried per pass of the start search (passes ~ log_17(2S))
-START_BLOCK, START_WARPS = 256, 4  # chunk-start tiles (scores per step) and warps
+PIVOTS = 8  # breakpoints tried per pass of the start search (passes ~ log_9(2S))
+START_BLOCK, START_WARPS = 512, 4  # chunk-start tiles (scores per step) and warps
 RANK_ORDER = 4.0  # chunk starts scan in rank order from a0 >= sqrt(RANK_ORDER * (k + 1) * S)
 
 
@@ -78,6 +78,59 @@ def chunk_starts(S: int, k: int, device: torch.device) -> Tensor:
     """[NC + 1] int32: chunk starts and S + 1 at the end. Cached per device, so that later calls
     copy nothing from the host (and can be captured in a CUDA graph)."""
     return torch.tensor(list(_chunk_starts(S, k)) + [S + 1], dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _prepare(
+    VALS, PS, RANK, BVAL, BPOS, BTYP, BU, IU, IV, IUR, IVR,
+    S, BLK: tl.constexpr, STEPS: tl.constexpr,
+):
+    """From the scores in rank order (VALS descending, PS their positions): every position's rank
+    (RANK), and the sorted breakpoints (every u and u - 1, ascending; ties put u - 1 first) as a
+    merge of the two sorted sequences, with no second sort. Breakpoint e: value BVAL, position
+    BPOS, type BTYP (1: u, 0: u - 1), score BU; each position's two breakpoint indices IU, IV
+    (and by rank IUR, IVR)."""
+    pid = tl.program_id(0)
+    r = tl.program_id(1)
+    i = pid * BLK + tl.arange(0, BLK)  # ascending index: A[i] = VALS[S - 1 - i]
+    ok = i < S
+    rr = S - 1 - i
+    vals = VALS + r * S
+    a = tl.load(vals + rr, mask=ok, other=0.0)
+    pos = tl.load(PS + r * S + rr, mask=ok, other=0)
+    am1 = a - 1.0
+    # cu = #{j : A[j] - 1 <= a}, cv = #{j : A[j] < a - 1}: binary searches over the ascending A.
+    lo_u = tl.zeros([BLK], tl.int32)
+    hi_u = tl.zeros([BLK], tl.int32) + S
+    lo_v = tl.zeros([BLK], tl.int32)
+    hi_v = tl.zeros([BLK], tl.int32) + S
+    for _ in tl.static_range(STEPS):
+        mu = (lo_u + hi_u) // 2
+        xu = tl.load(vals + (S - 1 - mu), mask=ok & (mu < S), other=0.0) - 1.0
+        go_u = (mu < hi_u) & (xu <= a)
+        lo_u = tl.where(go_u, mu + 1, lo_u)
+        hi_u = tl.where(go_u | (mu >= hi_u), hi_u, mu)
+        mv = (lo_v + hi_v) // 2
+        xv = tl.load(vals + (S - 1 - mv), mask=ok & (mv < S), other=0.0)
+        go_v = (mv < hi_v) & (xv < am1)
+        lo_v = tl.where(go_v, mv + 1, lo_v)
+        hi_v = tl.where(go_v | (mv >= hi_v), hi_v, mv)
+    eu = i + lo_u
+    ev = i + lo_v
+    P = 2 * S
+    tl.store(RANK + r * S + pos, rr, mask=ok)
+    tl.store(BVAL + r * P + eu, a, mask=ok)
+    tl.store(BPOS + r * P + eu, pos, mask=ok)
+    tl.store(BTYP + r * P + eu, tl.full([BLK], 1, tl.int32), mask=ok)
+    tl.store(BU + r * P + eu, a, mask=ok)
+    tl.store(BVAL + r * P + ev, am1, mask=ok)
+    tl.store(BPOS + r * P + ev, pos, mask=ok)
+    tl.store(BTYP + r * P + ev, tl.zeros([BLK], tl.int32), mask=ok)
+    tl.store(BU + r * P + ev, a, mask=ok)
+    tl.store(IU + r * S + pos, eu, mask=ok)
+    tl.store(IV + r * S + pos, ev, mask=ok)
+    tl.store(IUR + r * S + rr, eu, mask=ok)
+    tl.store(IVR + r * S + rr, ev, mask=ok)
 
 
 @triton.jit
@@ -301,7 +354,7 @@ def _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi):
 @triton.jit
 def _walk(
     U, PS, RANK, IU, IV, BVAL, BPOS, BTYP, BU, STARTS, STATE_I, STATE_F,
-    TAU_N, K_N, EVICT,
+    TAU_N, TAU_Q, FIRST_BAD, K_N, EVICT,
     S, k, window, NC,
     TB: tl.constexpr, SLACK: tl.constexpr,
 ):
@@ -333,6 +386,11 @@ def _walk(
     slack = tl.full([], k, tl.float64) - SLACK
     offs_t = tl.arange(0, TB)
     big: tl.constexpr = 2147483647
+    first_bad = tl.load(FIRST_BAD + r)
+    if a0 == 0:
+        for i0 in range(0, tl.minimum(window, S), TB):
+            qi = i0 + offs_t
+            tl.store(TAU_Q + r * S + qi, tl.full([TB], float("-inf"), tl.float64), mask=qi < tl.minimum(window, S))
     for t0 in range(a0, a1, TB):
         n = t0 + offs_t  # prefixes of this tile; pair n is added after prefix n is written
         in_chunk = n < a1
@@ -420,13 +478,19 @@ def _walk(
             live = has & ~done & ((tsize < k) | (rk < K) | ((n > k) & (iu >= ptr)))
         # Pairs of this tile that were never live never enter the top-k.
         tl.store(EVICT + r * S + n, n + window, mask=has & ~done)
-        tl.store(TAU_N + r * (S + 1) + n, tl.where(n > k, tau_v, float("-inf")), mask=in_chunk)
+        tau_v = tl.where(n > k, tau_v, float("-inf"))
+        tl.store(TAU_N + r * (S + 1) + n, tau_v, mask=in_chunk)
+        # By query: query i sees prefix n = i + 1 - window (queries < window see n = 0); a prefix
+        # holding a non-finite score is poisoned.
+        tau_v = tl.where(n > first_bad, float("nan"), tau_v)
+        qi = n - 1 + window
+        tl.store(TAU_Q + r * S + qi, tau_v, mask=in_chunk & (n >= 1) & (qi < S))
         tl.store(K_N + r * (S + 1) + n, tl.where(n > k, k_v, S), mask=in_chunk)
 
 
 @triton.jit
 def _block_lists(
-    PS, K_N, EVICT, LISTS,
+    PS, RANK, K_N, EVICT, LISTS,
     S, k, window, NB, L,
     BMQ: tl.constexpr, BLK: tl.constexpr,
 ):
@@ -448,13 +512,22 @@ def _block_lists(
         cnt = n_first
     else:
         K = tl.load(K_N + r * (S + 1) + n_first)
-        for r0 in range(0, K + 1, BLK):
-            rr = r0 + offs
-            pos = tl.load(PS + r * S + rr, mask=rr <= K, other=2147483647)
-            keep = pos < n_first
-            slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(out + slot, pos, mask=keep)
-            cnt += tl.sum(keep.to(tl.int32), 0)
+        if n_first <= K:  # fewer positions than ranks to read: scan the positions (ascending)
+            for p0 in range(0, n_first, BLK):
+                pos = p0 + offs
+                rk = tl.load(RANK + r * S + pos, mask=pos < n_first, other=2147483647)
+                keep = rk <= K
+                slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(out + slot, pos, mask=keep)
+                cnt += tl.sum(keep.to(tl.int32), 0)
+        else:  # rank order: the positions of rank <= K below n_first
+            for r0 in range(0, K + 1, BLK):
+                rr = r0 + offs
+                pos = tl.load(PS + r * S + rr, mask=rr <= K, other=2147483647)
+                keep = pos < n_first
+                slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(out + slot, pos, mask=keep)
+                cnt += tl.sum(keep.to(tl.int32), 0)
     # Newcomers: pairs n_first <= j < n_last that enter the top-k when they arrive.
     for p0 in range(n_first, n_last, BLK):
         j = p0 + offs
@@ -483,27 +556,28 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     u64 = u.detach().reshape(R, S).to(torch.float64)
     bad = ~torch.isfinite(u64)
     uc = torch.where(bad, 0.0, u64).contiguous()
-    n_i = candidate_counts(S, window, dev)
-    seen_bad = torch.cat([bad.new_zeros(R, 1), bad.cumsum(1) > 0], 1)
     if topk == 0 or S == 0:
-        tau_n = torch.full((R, S + 1), float("-inf"), dtype=torch.float64, device=dev)
-        tau = torch.where(seen_bad, float("nan"), tau_n)[:, n_i]
+        n_i = candidate_counts(S, window, dev)
+        seen_bad = torch.cat([bad.new_zeros(R, 1), bad.cumsum(1) > 0], 1)
+        tau = torch.where(seen_bad, float("nan"), float("-inf")).to(torch.float64)[:, n_i]
         evict = (torch.arange(S, device=dev, dtype=torch.int32) + window).expand(R, S).contiguous()
         lists = torch.empty(R, NB, 0, dtype=torch.int32, device=dev)
         n_frac = torch.zeros(R, S, dtype=torch.int32, device=dev) if fractional else None
         return Selection(tau, n_frac, evict, lists, topk, window, block_m)
-    # Sorted scores (descending, ties to the earlier position) and breakpoints (ascending).
+    # The first non-finite position of each row (S if none): it poisons every later prefix.
+    first_bad = torch.where(bad, torch.arange(S, device=dev), S).amin(1).to(torch.int32)
+    # Scores in rank order (descending, ties to the earlier position), then the breakpoints.
     vals, order = torch.sort(uc, dim=1, descending=True, stable=True)
-    ps = order.to(torch.int32).contiguous()
-    rank = torch.empty_like(ps).scatter_(1, order, torch.arange(S, device=dev, dtype=torch.int32).expand(R, S).contiguous())
-    bval, bo = torch.sort(torch.cat([uc - 1, uc], 1), dim=1, stable=True)
-    bo32 = bo.to(torch.int32)
-    bpos = (bo32 % S).contiguous()
-    btyp = (bo32 // S).contiguous()
-    inv = torch.empty_like(bo32).scatter_(1, bo, torch.arange(2 * S, device=dev, dtype=torch.int32).expand(R, 2 * S).contiguous())
-    iv, iu = inv[:, :S].contiguous(), inv[:, S:].contiguous()
-    bu = uc.gather(1, bpos.long()).contiguous()
-    iur, ivr = iu.gather(1, order).contiguous(), iv.gather(1, order).contiguous()
+    ps = order.to(torch.int32)
+    P = 2 * S
+    rank = torch.empty(R, S, dtype=torch.int32, device=dev)
+    bval = torch.empty(R, P, dtype=torch.float64, device=dev)
+    bpos = torch.empty(R, P, dtype=torch.int32, device=dev)
+    btyp = torch.empty(R, P, dtype=torch.int32, device=dev)
+    bu = torch.empty(R, P, dtype=torch.float64, device=dev)
+    iu, iv, iur, ivr = (torch.empty(R, S, dtype=torch.int32, device=dev) for _ in range(4))
+    _prepare[(triton.cdiv(S, 256), R)](vals, ps, rank, bval, bpos, btyp, bu, iu, iv, iur, ivr,
+                                       S, BLK=256, STEPS=max(1, S.bit_length()), num_warps=4)
     starts = chunk_starts(S, topk, dev)
     NC = starts.numel() - 1
     state_i = torch.empty(R, NC, 5, dtype=torch.int32, device=dev)
@@ -512,20 +586,21 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     # positions; position order pays a0 per pass: switch where they cross (random order model).
     rank_order_from = int(math.sqrt(RANK_ORDER * (topk + 1) * S))
     _chunk_start[(NC, R)](
-        uc, vals.contiguous(), ps, rank, iu, iv, iur, ivr, bval.contiguous(), starts, state_i, state_f,
+        uc, vals, ps, rank, iu, iv, iur, ivr, bval, starts, state_i, state_f,
         S, topk, NC, rank_order_from, PIV=PIVOTS, BLK=START_BLOCK, SLACK=F_SLACK, num_warps=START_WARPS,
     )
     tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
+    tau = torch.empty(R, S, dtype=torch.float64, device=dev)
     k_n = torch.empty(R, S + 1, dtype=torch.int32, device=dev)
     evict = torch.full((R, S), S + window, dtype=torch.int32, device=dev)
     _walk[(NC, R)](
         uc, ps, rank, iu, iv, bval, bpos, btyp, bu, starts, state_i, state_f,
-        tau_n, k_n, evict, S, topk, window, NC, TB=32, SLACK=F_SLACK, num_warps=1,
+        tau_n, tau, first_bad, k_n, evict, S, topk, window, NC, TB=32, SLACK=F_SLACK, num_warps=1,
     )
     lists = torch.empty(R, NB, L, dtype=torch.int32, device=dev)
-    _block_lists[(NB, R)](ps, k_n, evict, lists, S, topk, window, NB, L, BMQ=block_m, BLK=128, num_warps=4)
+    _block_lists[(NB, R)](ps, rank, k_n, evict, lists, S, topk, window, NB, L, BMQ=block_m, BLK=128, num_warps=4)
     n_frac = None
     if fractional:
+        n_i = candidate_counts(S, window, dev)
         n_frac = prefix_fractional_counts(uc, tau_n, _Points.of(uc, order))[:, n_i]
-    tau = torch.where(seen_bad, float("nan"), tau_n)[:, n_i]
     return Selection(tau, n_frac, evict, lists, topk, window, block_m)
