@@ -387,6 +387,8 @@ def _walk(
     offs_t = tl.arange(0, TB)
     big: tl.constexpr = 2147483647
     first_bad = tl.load(FIRST_BAD + r)
+    # The value of the last crossed breakpoint (the bracket's left end), carried along.
+    last_val = tl.load(BVAL + r * P + tl.maximum(ptr - 1, 0))
     if a0 == 0:
         for i0 in range(0, tl.minimum(window, S), TB):
             qi = i0 + offs_t
@@ -397,6 +399,8 @@ def _walk(
         has = in_chunk & (n < S)
         rk = tl.load(RANK + r * S + n, mask=has, other=big)
         iu = tl.load(IU + r * S + n, mask=has, other=-1)
+        iv = tl.load(IV + r * S + n, mask=has, other=-1)
+        uu = tl.load(U + r * S + n, mask=has, other=0.0)
         tau_v = tl.zeros([TB], tl.float64) + tau
         k_v = tl.zeros([TB], tl.int32) + K
         # Live pairs: they enter the top-k, or (past the first k + 1 pairs) lie above tau.
@@ -413,10 +417,13 @@ def _walk(
                 tsize += 1
                 K = tl.maximum(K, rk_s)
             elif rk_s < K:
-                tl.store(EVICT + r * S + tl.load(PS + r * S + K), s + window)
-                # New K: the largest rank below K held by a position <= s (present).
-                nk = -1
-                hi_r = K
+                # Evict the pair of rank K; the new K is the largest rank below K held by a
+                # position <= s (present). One tile of ranks K - TB + 1 .. K serves both.
+                rr = K - TB + 1 + offs_t
+                pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
+                tl.store(EVICT + r * S + tl.sum(tl.where(rr == K, pos, 0), 0), s + window)
+                nk = tl.max(tl.where((pos <= s) & (rr >= 0) & (rr < K), rr, -1), 0)
+                hi_r = K - TB + 1
                 while nk < 0:
                     rr = hi_r - TB + offs_t
                     pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
@@ -428,8 +435,8 @@ def _walk(
             # Threshold: only for prefixes past the first solved one (s >= k + 1 adds to prefix
             # s + 1 >= k + 2), and only if pair s lies above the threshold.
             if (s > k) & (iu_s >= ptr):
-                u_s = tl.load(U + r * S + s) - shift
-                iv_s = tl.load(IV + r * S + s)
+                u_s = tl.sum(tl.where(sel, uu, 0.0), 0) - shift
+                iv_s = tl.sum(tl.where(sel, iv, 0), 0)
                 cA += 1
                 sA += u_s
                 if iv_s >= ptr:
@@ -438,6 +445,8 @@ def _walk(
                 # Move right, a tile of breakpoints at a time, while f at the next run of equal
                 # breakpoints (evaluated before crossing it) stays >= k - slack.
                 go = ptr < P
+                b_lo = last_val
+                b_hi = last_val
                 while go:
                     e = ptr + offs_t
                     ine = e < P
@@ -467,11 +476,13 @@ def _walk(
                     sA -= tl.sum(tl.where(cross, eA, 0.0), 0)
                     sB -= tl.sum(tl.where(cross, eB, 0.0), 0)
                     ptr += first
+                    # The bracket from this tile: the last crossed value and the stopping one.
+                    b_lo = tl.where(first > 0, tl.max(tl.where(offs_t == first - 1, bv, float("-inf")), 0), b_lo)
+                    b_hi = tl.max(tl.where(offs_t == first, bv, float("-inf")), 0)
                     go = (first == TB) & (ptr < P)
-                b_lo = tl.load(BVAL + r * P + ptr - 1)
-                b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
                 b_hi = tl.where(ptr < P, b_hi, float("inf"))
                 tau = _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi)
+                last_val = b_lo
             after = n > s
             tau_v = tl.where(after, tau, tau_v)
             k_v = tl.where(after, K, k_v)
