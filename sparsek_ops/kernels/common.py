@@ -91,7 +91,9 @@ def pair_weights(u_j, tau_i, shift):
     """[BM, BN] float32 weights ``clip(u_j - tau_i, 0, 1)`` from float64 scores u_j [BN] and
     thresholds tau_i [BM], both shifted by the block constant (block_shift) first. tau = -inf
     (every candidate kept) gives 1."""
-    return clip_weights(shifted(u_j, shift), shifted(tau_i, shift))
+    u_s = (u_j - shift).to(tl.float32)
+    tau_s = (tau_i - shift).to(tl.float32)
+    return clip01(u_s[None, :] - tau_s[:, None])
 
 
 @triton.jit
@@ -103,33 +105,57 @@ def fractional(u_j, tau_i):
 
 # ------------------------------------------------------------------ added for the GQA forward
 @triton.jit
-def shifted(x, shift):
-    """float64 scores or thresholds minus the block constant (block_shift), in float32. Doing
-    this once per key [BN] and once per row [BM] keeps float64 off the [BM, BN] tile."""
-    return (x - shift).to(tl.float32)
+def block_shift32(TAU_ROW, pid_m, S, BMQ: tl.constexpr):
+    """``block_shift`` rounded to a float32 value. Scores near a float32 shift subtract from it
+    exactly in float32 (Sterbenz), so the keys of a tile need no float64 at all; only the
+    thresholds take ``tau_i - shift`` in float64, once per row."""
+    return block_shift(TAU_ROW, pid_m, S, BMQ).to(tl.float32)
 
 
 @triton.jit
-def clip_weights(u_s, tau_s):
-    """[BM, BN] ``clip(u_s - tau_s, 0, 1)`` from already shifted float32 scores u_s [BN] and
-    thresholds tau_s [BM] (``pair_weights`` is this after ``shifted``)."""
-    return clip01(u_s[None, :] - tau_s[:, None])
+def clip01_num(x):
+    """clip(x, 0, 1) with NaN -> 0 (max/min that drop NaN: two instructions). For tiles whose
+    poisoned rows (tau = NaN) the caller overwrites with NaN itself (forward: at the end): every
+    weight stays finite, so a masked entry's ``e * p`` is 0 even next to a non-finite score."""
+    return tl.minimum(tl.maximum(x, 0.0), 1.0)
 
 
 @triton.jit
-def finite_or_zero(x):
-    """x where finite, else 0 (per key). A non-finite score poisons, through tau = NaN, every query
-    that can select it; the other queries of a block must not meet it, not even as 0 * NaN."""
-    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+def weights32(u_s, tau_s):
+    """[BM, BN] float32 ``clip(u_j - tau_i, 0, 1)`` from shifted scores u_s [BN] (``u_j - shift``,
+    float32) and thresholds tau_s [BM] (``tau_i - shift``). tau = -inf gives 1, NaN anywhere 0
+    (``clip01_num``)."""
+    return clip01_num(u_s[None, :] - tau_s[:, None])
 
 
 @triton.jit
-def selects_all(j, real_j, evict_j, i0, i1, window):
-    """Scalar: every query of ``[i0, i1)`` selects every pair of the tile (and every slot holds a
-    pair), so the tile needs no ``selected`` mask. ``j + window <= i0`` and ``evict_j >= i1``."""
-    first = tl.max(tl.where(real_j, j + window, i1 + window + 1), 0)
-    stop = tl.min(tl.where(real_j, evict_j, i0), 0)
-    return (first <= i0) & (stop >= i1)
+def key_intervals(j, real_j, evict_j, window):
+    """Per key [BN]: pair j is selected by the queries ``lo <= i < lo + n`` (int32;
+    ``lo = j + window``, ``n = evict[j] - lo``; n = 0 for padding slots): ``selected`` as an
+    interval, for ``in_interval`` and ``covers_block``."""
+    lo = j + window
+    return lo, tl.where(real_j, evict_j - lo, 0)
+
+
+@triton.jit
+def in_interval(qi, lo, n):
+    """[BM, BN] ``lo_j <= qi < lo_j + n_j`` in one unsigned compare per element (the two signed
+    compares of ``selected`` become two selects each on the GPU)."""
+    return (qi[:, None] - lo[None, :]).to(tl.uint32, bitcast=True) < n[None, :].to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def in_window_u32(pos, qi, window):
+    """[BM, BN] ``qi - window < pos <= qi`` in one unsigned compare (``in_window`` without its
+    ``real_pos`` term: for the rows that are stored, qi < S, so pos <= qi is inside the sequence)."""
+    return (qi[:, None] - pos[None, :]).to(tl.uint32, bitcast=True) < window
+
+
+@triton.jit
+def covers_block(lo, n, i0, i1):
+    """Scalar: every query of ``[i0, i1)`` selects every slot of the tile (``key_intervals``; a
+    padding slot never does), so the tile needs no mask."""
+    return tl.min(((lo <= i0) & (lo + n >= i1)).to(tl.int32), 0)
 
 
 @triton.jit
@@ -171,3 +197,25 @@ def softmax_step_exp2(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(e, 1)
     acc = tl.dot((e * w).to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_step_exp2_lazy(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
+    """``softmax_step_exp2`` with lazy rescaling (as FlashAttention-4): the reference max m_i of
+    the rows is raised, and acc and l rescaled, only when some row's max grew by more than 8
+    (a factor 2^8 in the exponentials, harmless in float32 and in the bf16/fp16 weights) -- in
+    practice in the first chunks only, so the usual per-chunk ``acc * alpha`` (one multiply per
+    acc element) goes. The test is one scalar for the whole tile. ``lse = m_i + log2(l)`` holds
+    as with the eager version."""
+    m_blk = tl.max(s, 1)
+    grow = tl.where(m_blk > m_i, m_blk - m_i, 0.0)
+    if tl.max(grow, 0) > 8.0:
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    e = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    l_i = l_i + tl.sum(e, 1)
+    acc = tl.dot((e * w).to(v.dtype), v, acc, input_precision=PRECISION)
+    return m_i, l_i, acc

@@ -7,15 +7,20 @@ What a program does (DESIGN.md section 3, fact 3)
     2. Walks its block's gather list (``Selection.block_index``): the selected pairs of its
        queries, gathered by index in chunks of BN keys, stopping at an upper bound of the list's
        true length (``common.list_bound``, from one vector load: no host sync). Weights
-       ``p = clip(u_j - tau_i, 0, 1)`` come from float64 scores and thresholds shifted by one
-       block constant (``common.block_shift``), subtracted per key / per row, then float32 on
-       the tile. A chunk whose pairs every query of the block selects (most chunks: pairs enter
-       at the end of the list and few are evicted per block) skips the ``selected`` mask.
+       ``p = clip(u_j - tau_i, 0, 1)``: scores and thresholds are shifted by one float32 block
+       constant (``common.block_shift32``), the thresholds in float64 once per row, the
+       float32 scores exactly in float32 (no float64 in the loop; float64 scores take a float64
+       subtraction per key), then float32 on the tile. A chunk whose pairs every query of the
+       block selects skips the ``selected`` mask (with random scores about half the chunks at
+       BMQ = 128 and 90% at BMQ = 16; with a recency slope in the scores, evictions are spread
+       over every chunk and nearly all need the mask).
     3. Reads its window span, ``window + BMQ - 1`` consecutive keys, in one loop of chunks
        (``common.window_parts``): the chunks of the left and right edges get the ``in_window``
        mask, the middle ones, seen by every query of the block, none at all.
     4. One online softmax (``common.softmax_step_exp2``) over both parts; writes o and the lse
-       (natural log, float32) that the backward needs.
+       (natural log, float32) that the backward needs. Rows whose tau is NaN (a non-finite
+       score among their candidates) are set to NaN there, once; inside the loops every weight
+       is finite (``common.clip01_num``), so a non-finite score cannot leak into other rows.
 
 Tile layout (``common.tile_rows``): ``BM = common.rows_per_tile(BLOCK_M, G)`` rows, row m =
 (query ``i0 + m // G``, query head ``h * G + m % G``), ``BMQ = BM // G`` queries per block,
@@ -26,7 +31,8 @@ IEEE float32 for float32: no TF32) with float32 accumulation; softmax state is f
 Tensors (R = B * Hkv rows of the selection, NB = ceil(S / BMQ) query blocks):
     q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]: any strides, one dtype
         (float16, bfloat16, float32); D, Dv: any sizes (tiles pad them to powers of two >= 16).
-    u [B, Hkv, S] scores, any strides (float32/float64 read as is, other dtypes upcast first).
+    u [B, Hkv, S] scores, any strides (float32/float64 read as is, other dtypes upcast first;
+        float64 scores beyond the float32 range are not supported by the float32 shift).
     tau [R, S] float64, evict [R, S] int, block_index [R, NB, L] int (ascending, -1 padded,
         ``L = min(topk + BMQ, S)``): the Selection of ``selection_for`` with ``block_m = BMQ``.
     out [B, Hq, S, Dv] (dtype of q), lse [B, Hq, S] float32.
@@ -36,7 +42,7 @@ find its keys in L2.
 Not done yet: tile configs are a hand-picked table (``config``), not tuned on the GPU (see
 bench/gpu_forward_configs.py and bench/NOTES.md); no warp specialisation or TMA (the selected
 keys are a gather; Triton 3.6 has no TMA gather on Hopper); the softmax rescales acc every
-chunk (no lazy rescaling); the selection itself runs in PyTorch (``selection_for``).
+chunk unless ``Config.lazy_rescale``; the selection itself runs in PyTorch (``selection_for``).
 """
 
 from __future__ import annotations
@@ -63,8 +69,8 @@ def _sparsek_fwd(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod, sub, suh, sus,
     S, L, NB, Hkv, window, qscale,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_SEL: tl.constexpr, NSAMP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HAS_SEL: tl.constexpr, U64: tl.constexpr, NSAMP: tl.constexpr,
+    LAZY: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BMQ: tl.constexpr = BM // G
     pid_m = tl.program_id(0)
@@ -91,8 +97,10 @@ def _sparsek_fwd(
         TAU_ROW = TAU + r.to(tl.int64) * S
         EVICT_ROW = EVICT + r.to(tl.int64) * S
         LIST_ROW = LISTS + (r.to(tl.int64) * NB + pid_m) * L
-        shift = common.block_shift(TAU_ROW, pid_m, S, BMQ)
-        tau_s = common.shifted(tl.load(TAU_ROW + tl.minimum(qi, S - 1)), shift)  # [BM], NaN: poisoned
+        shift = common.block_shift32(TAU_ROW, pid_m, S, BMQ)
+        tau_i = tl.load(TAU_ROW + tl.minimum(qi, S - 1))  # [BM] float64
+        poisoned = tau_i != tau_i  # NaN: a non-finite score among the candidates; set at the end
+        tau_s = (tau_i - shift.to(tl.float64)).to(tl.float32)
         for start in range(0, common.list_bound(LIST_ROW, L, NSAMP), BN):
             offs = start + tl.arange(0, BN)
             jr = tl.load(LIST_ROW + offs, mask=offs < L, other=-1).to(tl.int32)
@@ -101,13 +109,20 @@ def _sparsek_fwd(
             jo = j.to(tl.int64)
             kt = tl.load(kbase + jo[:, None] * sks + offs_d[None, :] * skd, mask=dmask, other=0.0)
             vt = tl.load(vbase + jo[:, None] * svs + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
-            u_j = common.finite_or_zero(tl.load(ubase + jo * sus).to(tl.float64))
-            ev = tl.load(EVICT_ROW + jo).to(tl.int32)
-            p = common.clip_weights(common.shifted(u_j, shift), tau_s)
+            u_j = tl.load(ubase + jo * sus)
+            if U64:
+                u_s = (u_j - shift.to(tl.float64)).to(tl.float32)
+            else:
+                u_s = u_j - shift
+            lo, n = common.key_intervals(j, real_j, tl.load(EVICT_ROW + jo).to(tl.int32), window)
+            p = common.weights32(u_s, tau_s)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * p
-            if common.selects_all(j, real_j, ev, i0, i0 + BMQ, window) == 0:
-                s = tl.where(common.selected(j, real_j, ev, qi, window), s, float("-inf"))
-            m_i, l_i, acc = common.softmax_step_exp2(m_i, l_i, acc, s, p, vt, PRECISION)
+            if common.covers_block(lo, n, i0, i0 + BMQ) == 0:
+                s = tl.where(common.in_interval(qi, lo, n), s, float("-inf"))
+            if LAZY:
+                m_i, l_i, acc = common.softmax_step_exp2_lazy(m_i, l_i, acc, s, p, vt, PRECISION)
+            else:
+                m_i, l_i, acc = common.softmax_step_exp2(m_i, l_i, acc, s, p, vt, PRECISION)
     if window > 0:
         # One loop over the span: the chunks of [b, c) are seen by every query, the edges are masked.
         a, b_full, c_full, d = common.window_parts(i0, BMQ, S, window, BN)
@@ -118,16 +133,22 @@ def _sparsek_fwd(
             vt = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             if (p0 < b_full) | (p0 >= c_full):
-                s = tl.where(common.in_window(pos, pos < S, qi, window), s, float("-inf"))
-            m_i, l_i, acc = common.softmax_step_exp2(m_i, l_i, acc, s, 1.0, vt, PRECISION)
-    # l = 0: the row saw nothing (padding only). l = NaN (poisoned row) stays NaN in o and lse.
+                s = tl.where(common.in_window_u32(pos, qi, window), s, float("-inf"))
+            if LAZY:
+                m_i, l_i, acc = common.softmax_step_exp2_lazy(m_i, l_i, acc, s, 1.0, vt, PRECISION)
+            else:
+                m_i, l_i, acc = common.softmax_step_exp2(m_i, l_i, acc, s, 1.0, vt, PRECISION)
+    # l = 0: the row saw nothing (padding only).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    if HAS_SEL:
+        o = tl.where(poisoned[:, None], float("nan"), o)
+        lse = tl.where(poisoned, float("nan"), lse)
     qo = qi[:, None].to(tl.int64)
     tl.store(OUT + b * sob + hq[:, None] * soh + qo * sos + offs_dv[None, :] * sod,
              o.to(OUT.dtype.element_ty), mask=real[:, None] & (offs_dv[None, :] < DV))
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + ((b * Hkv + h) * G + g) * S + qi, lse, mask=real)
 
 
@@ -140,6 +161,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    lazy_rescale: bool = False  # common.softmax_step_exp2_lazy instead of softmax_step_exp2
 
 
 def config(D: int, Dv: int, dtype: torch.dtype, G: int) -> Config:
@@ -197,7 +219,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *u.stride(),
         S, L, NB, Hkv, window, scale * LOG2E,
         G=G, D=D, DV=Dv, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)),
-        BM=BM, BN=cfg.block_n, HAS_SEL=L > 0, NSAMP=LIST_SAMPLES, PRECISION="ieee",
+        BM=BM, BN=cfg.block_n, HAS_SEL=L > 0, U64=u.dtype == torch.float64, NSAMP=LIST_SAMPLES,
+        LAZY=cfg.lazy_rescale, PRECISION="ieee",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse.to(lse_dtype(q.dtype))
