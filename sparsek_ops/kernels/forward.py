@@ -165,15 +165,19 @@ class Config:
 
 
 def config(D: int, Dv: int, dtype: torch.dtype, G: int) -> Config:
-    """Tile sizes for head dims D, Dv, the input dtype and the group size G. Hand-picked, to be
-    confirmed on the GPU by bench/gpu_forward_configs.py (G only matters through rows_per_tile)."""
+    """Tile sizes for head dims D, Dv, the input dtype and the group size G (G only matters
+    through rows_per_tile). Picked from the sm_90 builds (registers, spills, SASS instructions
+    per score; no GPU timings yet): a thread should hold at most 32 scores of the [BM, BN]
+    tile (BM * BN <= 1024 * num_warps), BN = 64 needs fewer instructions per score than 32
+    (per-row reductions and the acc rescale amortised), and IEEE float32 dots (FMA units)
+    need two stages to stay off local memory. bench/gpu_forward_configs.py times the candidates."""
     width = max(D, Dv)
-    if dtype == torch.float32:  # IEEE float32 dots run on FMA units: small tiles, few registers
-        return Config(64, 32, 4, 2) if width <= 128 else Config(32, 32, 4, 1)
+    if dtype == torch.float32:
+        return Config(64, 32, 4, 2) if width <= 128 else Config(32, 32, 4, 2)
     if width <= 64:
-        return Config(128, 64, 4, 3)
+        return Config(128, 64, 8, 3)
     if width <= 128:
-        return Config(128, 64, 8, 2)
+        return Config(128, 64, 8, 2)  # 255 registers, a few spills outside the hot path
     return Config(64, 32, 8, 2)
 
 
