@@ -268,9 +268,9 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     float64 inputs); any strides. Returns dq, dk, dv, du, each contiguous with the shape and dtype
     of its input.
 
-    ``block_m``: requested tile rows (``common.rows_per_tile``; None: 64, or 32 for head dims
-    above 128). ``deterministic``: no atomics, so
-    repeated calls are bitwise identical (slower, see the module docstring); None means
+    ``block_m``: requested tile rows (``common.rows_per_tile``, at least 16 for ``tl.dot``;
+    None: 64, or 32 for head dims above 128). ``deterministic``: no atomics, so repeated calls
+    are bitwise identical (slower, see the module docstring); None means
     ``torch.are_deterministic_algorithms_enabled()``. float64 inputs run ``cpu.backward``.
     """
     if q.dtype == torch.float64:
@@ -287,7 +287,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
                 torch.zeros(v.shape, dtype=v.dtype, device=dev), torch.zeros(u.shape, dtype=u.dtype, device=dev))
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     bm, BN, stages = _tiles(BD, BDV)
-    BM = rows_per_tile(bm if block_m is None else block_m, G)
+    BM = rows_per_tile(bm if block_m is None else max(16, block_m), G)
     BMQ = queries_per_block(BM, G)
     NBQ = -(-S // BMQ)
     has_sel, has_win = topk > 0, window > 0
@@ -325,16 +325,16 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     dv = alloc(R, S, Dv, dtype=buf_v, device=dev)
     du = (torch.empty if deterministic and has_sel else torch.zeros)(R, S, dtype=torch.float64, device=dev)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    common = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM, BN=BN,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
+    meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM, BN=BN,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if key_kernel:
             _bwd_key_block[(-(-S // BN), Hkv, B)](
                 q, k, v, grad_out, lse32, shift, u64, tau, evict, dk, dv, du, *strides,
-                S, Hq, Hkv, window, scale, SELECTED=has_sel and deterministic, **common)
+                S, Hq, Hkv, window, scale, SELECTED=has_sel and deterministic, **meta)
         _bwd_query_block[(NBQ, Hkv, B)](
             q, k, v, grad_out, lse32, shift, u64, tau, evict, lists, counts, dq, crow, dk, dv, du, *strides,
-            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, ATOMIC=atomic, **common)
+            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, ATOMIC=atomic, **meta)
     if has_sel:
         c = crow.sum(-1) / sel.n_frac.clamp_min(1)
         du = du - _fractional_share(sel, u64, c, window)
