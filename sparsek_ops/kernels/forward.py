@@ -10,13 +10,14 @@ What a program does (DESIGN.md section 3, fact 3)
        ``p = clip(u_j - tau_i, 0, 1)``: scores and thresholds are shifted by one float32 block
        constant (``common.block_shift32``), the thresholds in float64 once per row, the
        float32 scores exactly in float32 (no float64 in the loop; float64 scores take a float64
-       subtraction per key), then float32 on the tile. A chunk whose pairs every query of the
-       block selects skips the ``selected`` mask (with random scores about half the chunks at
-       BMQ = 128 and 90% at BMQ = 16; with a recency slope in the scores, evictions are spread
-       over every chunk and nearly all need the mask).
+       subtraction per key), then float32 on the tile. The selection mask is one unsigned
+       compare per score (``common.key_intervals``, ``in_interval``), and a chunk whose pairs
+       every query of the block selects (``covers_block``) skips it: with random scores about
+       half the chunks at BMQ = 128 and 90% at BMQ = 16; with a recency slope in the scores,
+       evictions are spread over every chunk and nearly all need the mask.
     3. Reads its window span, ``window + BMQ - 1`` consecutive keys, in one loop of chunks
-       (``common.window_parts``): the chunks of the left and right edges get the ``in_window``
-       mask, the middle ones, seen by every query of the block, none at all.
+       (``common.window_parts``): the chunks of the left and right edges get the window mask
+       (``in_window_u32``), the middle ones, seen by every query of the block, none at all.
     4. One online softmax (``common.softmax_step_exp2``) over both parts; writes o and the lse
        (natural log, float32) that the backward needs. Rows whose tau is NaN (a non-finite
        score among their candidates) are set to NaN there, once; inside the loops every weight
@@ -39,8 +40,14 @@ Tensors (R = B * Hkv rows of the selection, NB = ceil(S / BMQ) query blocks):
 Grid: (NB, R), query blocks fastest, so the programs running together share a KV head and
 find its keys in L2.
 
-Not done yet: tile configs are a hand-picked table (``config``), not tuned on the GPU (see
-bench/gpu_forward_configs.py and bench/NOTES.md); no warp specialisation or TMA (the selected
+Python side: ``forward`` (the backend's entry, same contract as ``cpu.forward``; float64 inputs
+take the PyTorch path), ``config`` (the launch ``Config`` per head dims and dtype), and
+``selection_for`` (the one call of the selection, to be swapped for a GPU one).
+
+Not done yet: tile configs are a hand-picked table (``config``, from register and instruction
+counts of sm_90 builds), not timed on the GPU (bench/gpu_forward_configs.py does that); the
+selected part costs ~22 SASS instructions per score against ~12 for the window part (weights,
+masks, per-key loads); no warp specialisation or TMA (the selected
 keys are a gather; Triton 3.6 has no TMA gather on Hopper); the softmax rescales acc every
 chunk unless ``Config.lazy_rescale``; the selection itself runs in PyTorch (``selection_for``).
 """
@@ -202,7 +209,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
     BMQ = common.queries_per_block(BM, G)
     out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-    if S == 0:
+    if S == 0 or B * Hkv == 0:
         return out, lse.to(lse_dtype(q.dtype))
     R = B * Hkv
     NB = -(-S // BMQ)
