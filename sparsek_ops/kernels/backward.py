@@ -41,8 +41,8 @@ NaN scores: a poisoned query (tau NaN, lse NaN) gives NaN dq and NaN dk, dv for 
 keys it attends (its selected pairs and its window); du stays finite, as in ``cpu.backward``
 (whose dk, dv NaN set is a superset: it poisons the whole gather list and span of the block).
 
-No host synchronisation and no data-dependent shapes here; ``select`` is called through one
-module-level name so that a GPU selection with the same ``Selection`` contract is a one-line swap.
+No host synchronisation and no data-dependent shapes here. The selection comes from
+``selection.select_for``: the Triton walk on CUDA tensors, the PyTorch search elsewhere.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .. import cpu
 from ..cpu import _fractional_share
-from ..selection import select
+from .selection import select_for
 from .common import (block_shift, fractional, in_window, pair_weights, queries_per_block, rows_per_tile,
                      selected, tile_rows)
 
@@ -300,7 +300,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     lse32 = lse.float().contiguous()
 
     if has_sel:
-        sel = select(u, topk, window, block_m=BMQ, fractional=True)
+        sel = select_for(u, topk, window, BMQ, fractional=True)
         tau = sel.tau.contiguous()
         # evict clamped to S: the key kernel's sweep ends there, and int32 cannot overflow.
         evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()

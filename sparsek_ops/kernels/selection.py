@@ -27,10 +27,12 @@ Everything is exact: the same thresholds as ``prefix_threshold`` up to float64 r
 sums are formed in another order), the same eviction indices and the same sets per block.
 Differences from ``selection.select``: gather lists are in rank order (best first) and then
 position order, not ascending; ``evict`` and ``block_index`` are int32. ``|F|`` (backward only)
-comes from ``selection.prefix_fractional_counts``, pure PyTorch without syncs.
+comes from sorts and searchsorted (``fractional_counts``): no syncs, no scatters.
 
-Cost: O(S log S) for the two sorts, O(S) per chunk start (about S/64 chunks), and per chunk
-O(live pairs) sequential steps of a few memory round trips each.
+Cost: one sort of the scores, O(S log S) to merge the breakpoints, O(min(a0, k S / a0 + band))
+per chunk start (about (k/64)(1 + 3 ln(S/k)) chunks per row), and per chunk about
+``LIVE_PER_CHUNK`` live pairs of a few dependent memory round trips each. Measured numbers:
+bench/NOTES.md ("GPU selection").
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..projection import F_SLACK
-from ..selection import Selection, _Points, candidate_counts, prefix_fractional_counts
+from .. import selection as torch_selection
+from ..selection import Selection, candidate_counts
 
 # Chunking: about LIVE_PER_CHUNK pairs that change the selection per chunk, with the rough
 # model "a pair at prefix n is live with probability min(1, LIVE_RATE * k / n)".
@@ -610,8 +613,46 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     )
     lists = torch.empty(R, NB, L, dtype=torch.int32, device=dev)
     _block_lists[(NB, R)](ps, rank, k_n, evict, lists, S, topk, window, NB, L, BMQ=block_m, BLK=128, num_warps=4)
-    n_frac = None
-    if fractional:
-        n_i = candidate_counts(S, window, dev)
-        n_frac = prefix_fractional_counts(uc, tau_n, _Points.of(uc, order))[:, n_i]
+    n_frac = fractional_counts(vals, ps, tau_n, window) if fractional else None
     return Selection(tau, n_frac, evict, lists, topk, window, block_m)
+
+
+def _prefix_count(thr: Tensor, vals: Tensor, ps: Tensor, strict: bool) -> Tensor:
+    """For every prefix n = 0..S: #{l < n : u_l >= thr[n]} (``> thr[n]`` if strict), thr [R, S+1]
+    non-decreasing in n. vals [R, S] descending, ps their positions.
+
+    Pair l counts for the prefixes n > l whose threshold admits it; thr is monotone, so those n
+    form a suffix starting at max(l + 1, first n with thr[n] above u_l). A sort and a
+    searchsorted count them: no scatter, so it is deterministic (``scatter_add_`` on CUDA is not).
+    """
+    R, S1 = thr.shape
+    # first n whose threshold exceeds u_l (>= for strict): the pair stops counting there
+    # ... but thresholds grow, so a pair counts for n in (l, stop): count = #starts <= n - #stops <= n.
+    asc = vals.flip(1).contiguous()
+    pos = ps.flip(1).long()
+    stop = torch.searchsorted(thr.contiguous(), asc, right=not strict)  # first n with thr > u (>= if strict)
+    start = pos + 1
+    stop = torch.maximum(stop, start)
+    n = torch.arange(S1, device=thr.device).expand(R, S1).contiguous()
+    begun = torch.searchsorted(start.sort(1).values, n, right=True)
+    ended = torch.searchsorted(stop.sort(1).values, n, right=True)
+    return (begun - ended).to(torch.int32)
+
+
+def fractional_counts(vals: Tensor, ps: Tensor, tau_n: Tensor, window: int) -> Tensor:
+    """``|F_i| = #{l < n_i : tau_i < u_l < fl(tau_i + 1)}`` by query, [R, S] int32: the F test of
+    ``selection.prefix_fractional_counts`` (and of the kernels), computed without scatters."""
+    S = vals.shape[1]
+    tau = tau_n.nan_to_num(nan=float("inf"))
+    above = _prefix_count(tau, vals, ps, strict=True)  # u > tau
+    full = _prefix_count(tau + 1, vals, ps, strict=False)  # u >= fl(tau + 1)
+    n_i = candidate_counts(S, window, vals.device)
+    return (above - full)[:, n_i]
+
+
+def select_for(u: Tensor, topk: int, window: int, block_m: int, fractional: bool) -> Selection:
+    """The selection the Triton kernels use: the Triton walk on CUDA tensors, the PyTorch search
+    elsewhere (the interpreter runs the walk slowly; both give the same selection)."""
+    if u.is_cuda:
+        return select(u, topk, window, block_m, fractional)
+    return torch_selection.select(u, topk, window, block_m, fractional)
