@@ -208,8 +208,7 @@ def softmax_step_exp2_lazy(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
     acc element) goes. The test is one scalar for the whole tile. ``lse = m_i + log2(l)`` holds
     as with the eager version."""
     m_blk = tl.max(s, 1)
-    grow = tl.where(m_blk > m_i, m_blk - m_i, 0.0)
-    if tl.max(grow, 0) > 8.0:
+    if tl.max((m_blk > m_i + 8.0).to(tl.int32), 0) > 0:  # -inf + 8 = -inf: a row's first keys count
         m_new = tl.maximum(m_i, m_blk)
         alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
         l_i = l_i * alpha
