@@ -114,7 +114,8 @@ def block_shift32(TAU_ROW, pid_m, S, BMQ: tl.constexpr):
 
 @triton.jit
 def clip01_num(x):
-    """clip(x, 0, 1) with NaN -> 0 (max/min that drop NaN: two instructions). For tiles whose
+    """clip(x, 0, 1) with NaN -> 0 (max/min that drop NaN; after a subtraction, as in
+    ``weights32``, the GPU does all three in one saturating add, FADD.SAT). For tiles whose
     poisoned rows (tau = NaN) the caller overwrites with NaN itself (forward: at the end): every
     weight stays finite, so a masked entry's ``e * p`` is 0 even next to a non-finite score."""
     return tl.minimum(tl.maximum(x, 0.0), 1.0)
