@@ -63,8 +63,9 @@ from torch import Tensor
 
 from .. import cpu
 from ..cpu import lse_dtype
-from ..selection import Selection, select
+from ..selection import Selection
 from . import common
+from .selection import select_for
 
 LOG2E = 1.4426950408889634
 LIST_SAMPLES = 128  # entries sampled by common.list_bound
@@ -190,8 +191,8 @@ def config(D: int, Dv: int, dtype: torch.dtype, G: int) -> Config:
 
 def selection_for(u: Tensor, topk: int, window: int, block_m: int) -> Selection:
     """The one place the forward gets its selection (tau, evict and the gather lists of blocks of
-    ``block_m`` queries): swap a GPU selection with the same Selection contract in here."""
-    return select(u, topk, window, block_m=block_m, fractional=False)
+    ``block_m`` queries): the Triton walk on CUDA tensors, the PyTorch search elsewhere."""
+    return select_for(u, topk, window, block_m, fractional=False)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, scale: float,
