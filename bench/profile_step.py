@@ -1,0 +1,58 @@
+"""Kernel-by-kernel CUDA time of one SPARSEK forward+backward (backend "triton") on the GPU.
+
+    python bench/profile_step.py [--S 32768] [--Hkv 16] [--topk 1024] [--window 1024] [--deterministic]
+
+Standard workload otherwise (bf16, Hq = 16, D = 128, B * S = 32K). Prints the top kernels by
+CUDA time per step, to see where the time goes before tuning anything.
+"""
+
+import argparse
+
+import torch
+
+import sparsek_ops
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, default=32768)
+    ap.add_argument("--Hkv", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--deterministic", action="store_true")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    S, Hq, D = args.S, 16, 128
+    B = max(1, 32768 // S)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (Hq, args.Hkv, args.Hkv))
+    u = torch.randn(B, args.Hkv, S, device="cuda", generator=g).requires_grad_()
+    do = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+
+    def step():
+        sparsek_ops.sparsek_attention(q, k, v, u, topk=args.topk, window=args.window, backend="triton").backward(do)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        t = e.cuda_time_total if t is None else t
+        if t > 0:
+            rows.append((t / 3 / 1000, e.count // 3, e.key[:90]))
+    rows.sort(reverse=True)
+    print(f"S={S} B={B} Hkv={args.Hkv} topk={args.topk} window={args.window} deterministic={args.deterministic}")
+    print(f"total CUDA ms per step: {sum(r[0] for r in rows):.3f}")
+    for ms, n, name in rows[: args.top]:
+        print(f"{ms:9.3f} ms  x{n:<3d} {name}")
+
+
+if __name__ == "__main__":
+    main()
