@@ -175,22 +175,31 @@ def _bwd_query_block(
 
 @triton.jit
 def _bwd_key_block(
-    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, DK, DV, DU,
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, ORDER, DK, DV, DU,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     S, Hq, Hkv, window, scale,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, SELECTED: tl.constexpr,
+    WINDOW: tl.constexpr = True, GATHER: tl.constexpr = False,
 ):
     """dk, dv of BN consecutive keys from every query that attends to them: the window queries
     ``j .. j + window - 1`` and, with SELECTED, the selecting queries ``j + window .. evict[j] - 1``
     (then also du's first term). Writes DK [R, S, D], DV [R, S, DV] (their pointer's dtype) and,
-    with SELECTED, DU [R, S] float64; each key belongs to one program, so plain stores."""
+    with SELECTED, DU [R, S] float64; each key belongs to one program, so plain stores.
+
+    With GATHER (and SELECTED, not WINDOW) the BN keys are not consecutive: they are entries
+    pid_n * BN .. of ORDER [R, S] (``_pair_groups``: selected pairs grouped by similar query
+    ranges), and only their selected queries are swept; keys never selected are skipped."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     BMQ: tl.constexpr = BM // G
     r64 = (b * Hkv + h).to(tl.int64)
-    j = pid_n * BN + tl.arange(0, BN)
+    if GATHER:
+        slot = pid_n * BN + tl.arange(0, BN)
+        j = tl.load(ORDER + r64 * S + slot, mask=slot < S, other=S)
+    else:
+        j = pid_n * BN + tl.arange(0, BN)
     valid = j < S
     jc64 = tl.minimum(j, S - 1).to(tl.int64)
     offs_d = tl.arange(0, BD)
@@ -209,14 +218,20 @@ def _bwd_key_block(
     if SELECTED:
         uj = tl.load(U + r64 * S + jc64, mask=valid, other=0.0)  # float64
         ev = tl.load(EVICT + r64 * S + jc64, mask=valid, other=0)  # clamped to S by the caller
-        # ... or to the last selecting query (evict is one past it).
-        q_hi = tl.maximum(q_hi, tl.max(tl.where(valid, ev, 0), 0))
+        if GATHER:
+            # Only the selecting queries j + window .. evict[j] - 1 of pairs ever selected.
+            valid = valid & (ev > j + window)
+            q_lo = tl.min(tl.where(valid, j + window, S), 0)
+            q_hi = tl.max(tl.where(valid, ev, 0), 0)
+        else:
+            # ... or to the last selecting query (evict is one past it).
+            q_hi = tl.maximum(q_hi, tl.max(tl.where(valid, ev, 0), 0))
     for qb in range(q_lo // BMQ, tl.cdiv(q_hi, BMQ)):
         qs = qb * BMQ
         qe = qs + BMQ
         # Does any key of this block meet a query of [qs, qe)? In the window-only sweep always;
         # with long-lived pairs the selected ranges can leave gaps, skipped here.
-        used = valid & (j < qe) & (j + window > qs)
+        used = valid & (j < qe) & (j + window > qs) & WINDOW
         if SELECTED:
             used = used | (valid & (j + window < qe) & (ev > qs) & (ev > j + window))
         if tl.max(used.to(tl.int32), 0) > 0:
@@ -225,7 +240,7 @@ def _bwd_key_block(
                                         sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            att = in_window(j, valid, qi, window) & real[:, None]
+            att = in_window(j, valid, qi, window) & real[:, None] & WINDOW
             if SELECTED:
                 tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
                 sel = selected(j, valid, ev, qi, window) & real[:, None]
@@ -249,6 +264,21 @@ def _bwd_key_block(
              mask=valid[:, None] & (offs_dv[None, :] < DV_))
     if SELECTED:
         tl.store(DU + r64 * S + jc64, du, mask=valid)
+
+
+def _pair_groups(evict: Tensor, window: int) -> Tensor:
+    """ORDER [R, S] int32: the positions, ordered so that every BN consecutive entries (one
+    program of the grouped key sweep) have similar selecting ranges ``[j + window, evict[j])``:
+    by lifetime class (half octaves of ``evict[j] - j - window``), then by first query; pairs
+    never selected go last. A program sweeps the union of its pairs' ranges, so grouping
+    consecutive positions (one long-lived pair among short-lived ones) would sweep the long range
+    for nearly every group: quadratic. Sort-based, no host sync."""
+    R, S = evict.shape
+    start = torch.arange(S, device=evict.device) + window
+    life = evict.long() - start
+    cls = torch.where(life > 0, (2 * torch.log2(life.clamp_min(1).double())).long(), 200)
+    key = cls * (S + window + 1) + start
+    return torch.sort(key, dim=1, stable=True).indices.to(torch.int32).contiguous()
 
 
 def _tiles(BD: int, BDV: int) -> tuple[int, int, int]:
@@ -316,25 +346,35 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     crow = torch.empty(R, S, G, dtype=torch.float64, device=dev) if has_sel else torch.zeros(1, dtype=torch.float64, device=dev)
     atomic = has_sel and not deterministic
-    # The atomic mode adds into float32 buffers; otherwise the key kernel writes the final dtype.
-    buf_k = torch.float32 if atomic else k.dtype
-    buf_v = torch.float32 if atomic else v.dtype
-    key_kernel = has_win or (has_sel and deterministic)
-    alloc = torch.empty if key_kernel else torch.zeros
+    grouped = has_sel and deterministic
+    # With selected pairs, dk and dv are sums of parts: float32 buffers, cast at the end.
+    buf_k = torch.float32 if has_sel else k.dtype
+    buf_v = torch.float32 if has_sel else v.dtype
+    alloc = torch.empty if has_win else torch.zeros  # the window sweep writes every key
     dk = alloc(R, S, D, dtype=buf_k, device=dev)
     dv = alloc(R, S, Dv, dtype=buf_v, device=dev)
-    du = (torch.empty if deterministic and has_sel else torch.zeros)(R, S, dtype=torch.float64, device=dev)
+    du = torch.zeros(R, S, dtype=torch.float64, device=dev)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM, BN=BN,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        if key_kernel:
+        if has_win:
             _bwd_key_block[(-(-S // BN), Hkv, B)](
-                q, k, v, grad_out, lse32, shift, u64, tau, evict, dk, dv, du, *strides,
-                S, Hq, Hkv, window, scale, SELECTED=has_sel and deterministic, **meta)
+                q, k, v, grad_out, lse32, shift, u64, tau, evict, evict, dk, dv, du, *strides,
+                S, Hq, Hkv, window, scale, SELECTED=False, WINDOW=True, GATHER=False, **meta)
+        if grouped:
+            order = _pair_groups(evict.view(R, S), window)
+            dks = torch.zeros(R, S, D, dtype=torch.float32, device=dev)
+            dvs = torch.zeros(R, S, Dv, dtype=torch.float32, device=dev)
+            _bwd_key_block[(-(-S // BN), Hkv, B)](
+                q, k, v, grad_out, lse32, shift, u64, tau, evict, order, dks, dvs, du, *strides,
+                S, Hq, Hkv, window, scale, SELECTED=True, WINDOW=False, GATHER=True, **meta)
         _bwd_query_block[(NBQ, Hkv, B)](
             q, k, v, grad_out, lse32, shift, u64, tau, evict, lists, counts, dq, crow, dk, dv, du, *strides,
             S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, ATOMIC=atomic, **meta)
+    if grouped:
+        dk += dks
+        dv += dvs
     if has_sel:
         c = crow.sum(-1) / sel.n_frac.clamp_min(1)
         du = du - _fractional_share(sel, u64, c, window)
