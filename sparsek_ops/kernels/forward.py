@@ -42,14 +42,14 @@ find its keys in L2.
 
 Python side: ``forward`` (the backend's entry, same contract as ``cpu.forward``; float64 inputs
 take the PyTorch path), ``config`` (the launch ``Config`` per head dims and dtype), and
-``selection_for`` (the one call of the selection, to be swapped for a GPU one).
+``selection_for`` (the one call of the selection: the Triton walk on CUDA, PyTorch elsewhere).
 
 Not done yet: tile configs are a hand-picked table (``config``, from register and instruction
 counts of sm_90 builds), not timed on the GPU (bench/gpu_forward_configs.py does that); the
 selected part costs ~22 SASS instructions per score against ~12 for the window part (weights,
 masks, per-key loads); no warp specialisation or TMA (the selected
 keys are a gather; Triton 3.6 has no TMA gather on Hopper); the softmax rescales acc every
-chunk unless ``Config.lazy_rescale``; the selection itself runs in PyTorch (``selection_for``).
+chunk unless ``Config.lazy_rescale``.
 """
 
 from __future__ import annotations
