@@ -127,6 +127,14 @@ def test_gpu_matches_pytorch_selection(kind, S, topk, window, block_m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 2, 3, 17])
+@pytest.mark.parametrize("topk,window", [(1, 0), (2, 1), (5, 3)])
+def test_gpu_tiny_sequences(S, topk, window):
+    """Sizes of 1 are specialised to constants by Triton; they once broke a compiler pass."""
+    assert_same_selection(scores("normal", 2, S, seed=S, device="cuda"), topk, window, 8)
+
+
+@pytest.mark.gpu
 def test_gpu_selection_never_syncs_with_the_host():
     g = gsel()
     u = scores("normal", 4, 8192, seed=0, device="cuda")

@@ -83,7 +83,8 @@ def chunk_starts(S: int, k: int, device: torch.device) -> Tensor:
     return torch.tensor(list(_chunk_starts(S, k)) + [S + 1], dtype=torch.int32, device=device)
 
 
-@triton.jit
+# S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
+@triton.jit(do_not_specialize=["S"])
 def _prepare(
     VALS, PS, RANK, BVAL, BPOS, BTYP, BU, IU, IV, IUR, IVR,
     S, BLK: tl.constexpr, STEPS: tl.constexpr,
@@ -192,7 +193,8 @@ def _f_pass(X, PSX, n_items, a0, BY_RANK, t, t_lo, t_hi, PIV: tl.constexpr, BLK:
     return G1 - G2
 
 
-@triton.jit
+# S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
+@triton.jit(do_not_specialize=["S", "k"])
 def _chunk_start(
     U, VALS, PS, RANK, IU, IV, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
     S, k, NC, rank_order_from,
@@ -354,7 +356,8 @@ def _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi):
     return tl.minimum(tl.maximum(tau, b_lo), b_hi)
 
 
-@triton.jit
+# S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
+@triton.jit(do_not_specialize=["S", "k"])
 def _walk(
     U, PS, RANK, IU, IV, BVAL, BPOS, BTYP, BU, STARTS, STATE_I, STATE_F,
     TAU_N, TAU_Q, FIRST_BAD, K_N, EVICT,
@@ -502,7 +505,8 @@ def _walk(
         tl.store(K_N + r * (S + 1) + n, tl.where(n > k, k_v, S), mask=in_chunk)
 
 
-@triton.jit
+# S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
+@triton.jit(do_not_specialize=["S", "k"])
 def _block_lists(
     PS, RANK, K_N, EVICT, LISTS,
     S, k, window, NB, L,
