@@ -35,7 +35,10 @@ def flex_sliding(q, k, v, keys, gqa):
     def mask_mod(b, h, qi, kv):
         return (kv <= qi) & (qi - kv < keys)
 
-    block_mask = create_block_mask(mask_mod, None, None, S, S, device=q.device)
+    try:  # _compile builds the mask block by block: no S x S tensor (128 GiB at 128K)
+        block_mask = create_block_mask(mask_mod, None, None, S, S, device=q.device, _compile=True)
+    except TypeError:
+        block_mask = create_block_mask(mask_mod, None, None, S, S, device=q.device)
     fn = torch.compile(flex_attention)
     return lambda: fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
