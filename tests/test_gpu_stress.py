@@ -46,7 +46,8 @@ def sampled_reference(q, k, v, u, topk, window, rows, scale):
 @pytest.mark.gpu
 @pytest.mark.parametrize("Hkv", [16, 2])
 def test_long_sequence_is_finite_and_matches_sampled_rows(Hkv):
-    S, Hq, D, topk, window = S_STRESS, 16, 128, 1024, 1024
+    S, Hq, D = S_STRESS, 16, 128
+    topk = window = min(1024, S // 8)  # small S (sanitizer runs) must still have fractional pairs
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     k = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
