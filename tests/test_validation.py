@@ -89,3 +89,11 @@ def test_mask_bad_input(over, exc, fragment):
     with pytest.raises(exc) as info:
         sparsek_ops.sparsek_mask(args["z"], args["k"], dim=args["dim"])
     assert fragment in str(info.value)
+
+
+def test_auto_backend_is_triton_on_cuda_and_torch_on_cpu():
+    from sparsek_ops import backends
+
+    assert backends.resolve("auto", torch.device("cpu")).name == "torch"
+    if "triton" in backends.names():
+        assert backends.resolve("auto", torch.device("cuda")).name == "triton"
