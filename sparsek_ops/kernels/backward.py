@@ -142,12 +142,13 @@ def _bwd_query_block(
                 # Every valid slot of the gather list is a distinct pair: no two lanes of one
                 # atomic hit the same address.
                 dk_t = tl.dot(tl.trans(dsp.to(q.dtype)), q, input_precision=PRECISION) * scale
-                tl.atomic_add(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], dk_t,
+                # relaxed: only the sums matter, no ordering (the default acq_rel fences each add)
+                tl.atomic_add(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], dk_t, sem="relaxed",
                               mask=valid[:, None] & (offs_d[None, :] < D))
                 dv_t = tl.dot(tl.trans((a * p).to(do.dtype)), do, input_precision=PRECISION)
-                tl.atomic_add(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv_t,
+                tl.atomic_add(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv_t, sem="relaxed",
                               mask=valid[:, None] & (offs_dv[None, :] < DV_))
-                tl.atomic_add(DU + r64 * S + jc64, tl.sum(gm, 0), mask=valid)
+                tl.atomic_add(DU + r64 * S + jc64, tl.sum(gm, 0), mask=valid, sem="relaxed")
         tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
     if HAS_WIN:
         # Window span of the block: positions i0 - window + 1 .. i0 + BMQ - 1 (inside [0, S)).
