@@ -1,4 +1,4 @@
-"""Backend "triton" (Triton forward, PyTorch or Triton backward) against the float64 reference.
+"""Backend "triton" (the Triton forward; gradients through the Triton backward) against the float64 reference.
 
 On CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), in float32 and
 float16 only: the interpreter computes bfloat16 dots wrongly (triton issue 11584), and it runs
