@@ -17,18 +17,21 @@ one KV head, so the keys a block gathers serve the whole group). Kernels:
   gather list (selected pairs) and window span, accumulates dq, and writes ``sum_j g_ij`` of every
   tile row (the numerator of c_i; each query row belongs to exactly one program, so no atomics).
   In the non-deterministic mode it also adds the selected pairs' dk, dv and the first term of du
-  into float32 / float64 buffers with ``tl.atomic_add``.
+  into float32 / float64 buffers with relaxed ``tl.atomic_add`` (the default acq_rel ordering
+  fenced every add and doubled the kernel's time).
 * ``_bwd_key_block``, one program per (block of BN keys, KV head, batch), FlashAttention-2
   style: sweeps the query blocks that attend to its keys and accumulates their dk, dv (and du's
   first term) in registers, with no atomics. Always used for the window pairs (key j is in the
-  windows of the queries ``j .. j + window - 1``). In the deterministic mode it does the selected
-  pairs too: pair j is selected by the contiguous queries ``j + window <= i < evict[j]``
-  (fact 2), so together with its window the key is used by the queries ``j .. evict[j] - 1``; the
-  program sweeps the query blocks covering the union of its keys' ranges and skips the blocks
-  where none of its keys is used (a cheap test on BN scalars). No atomics anywhere in that mode,
-  so repeated runs are bitwise identical. It can be much slower than the atomic mode: a key
-  block holding one long-lived pair (a high score that is never evicted) sweeps every later
-  query block, O(S / BMQ) tiles for that program (the "slots" scheme of fact 6 would avoid it).
+  windows of the queries ``j .. j + window - 1``), over consecutive keys. In the deterministic
+  mode a second launch does the selected pairs: pair j is selected by the contiguous queries
+  ``j + window <= i < evict[j]`` (fact 2), and its BN keys are not consecutive positions but
+  entries of ``_pair_groups`` (pairs ordered by lifetime class, then first query), so that one
+  long-lived pair does not make its program sweep every later query block with otherwise idle
+  keys (that version was quadratic: 170 ms at 32K). The program sweeps the union of its pairs'
+  ranges and skips query blocks none of them uses. No atomics anywhere in that mode, so
+  repeated runs are bitwise identical; the grouping still wastes ~2.4x and has few programs
+  when there are few KV heads (bench/NOTES.md has the numbers; the "slots" scheme of fact 6
+  would do better).
 
 The second term of du is a prefix sum over queries (``cpu._fractional_share``, fact 5), in PyTorch.
 
