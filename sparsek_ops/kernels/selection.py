@@ -623,19 +623,16 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
 
 def _prefix_count(thr: Tensor, vals: Tensor, ps: Tensor, strict: bool) -> Tensor:
     """For every prefix n = 0..S: #{l < n : u_l >= thr[n]} (``> thr[n]`` if strict), thr [R, S+1]
-    non-decreasing in n. vals [R, S] descending, ps their positions.
+    non-decreasing in n. vals [R, S]: the scores (any order), ps their positions.
 
-    Pair l counts for the prefixes n > l whose threshold admits it; thr is monotone, so those n
-    form a suffix starting at max(l + 1, first n with thr[n] above u_l). A sort and a
-    searchsorted count them: no scatter, so it is deterministic (``scatter_add_`` on CUDA is not).
+    thr is monotone, so pair l counts for one range of prefixes, from l + 1 to the first n whose
+    threshold no longer admits it (``stop``): count(n) = #{starts <= n} - #{stops <= n}, two
+    sorts and searchsorted calls. No scatter, so it is deterministic (``scatter_add_`` on CUDA
+    is not).
     """
     R, S1 = thr.shape
-    # first n whose threshold exceeds u_l (>= for strict): the pair stops counting there
-    # ... but thresholds grow, so a pair counts for n in (l, stop): count = #starts <= n - #stops <= n.
-    asc = vals.flip(1).contiguous()
-    pos = ps.flip(1).long()
-    stop = torch.searchsorted(thr.contiguous(), asc, right=not strict)  # first n with thr > u (>= if strict)
-    start = pos + 1
+    stop = torch.searchsorted(thr.contiguous(), vals.contiguous(), right=not strict)
+    start = ps.long() + 1
     stop = torch.maximum(stop, start)
     n = torch.arange(S1, device=thr.device).expand(R, S1).contiguous()
     begun = torch.searchsorted(start.sort(1).values, n, right=True)
