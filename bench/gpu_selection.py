@@ -17,24 +17,13 @@ import torch
 from triton.testing import do_bench
 
 from sparsek_ops import selection
+from profile_step import kernel_times  # bench/ is on sys.path when run as a script
 from sparsek_ops.kernels import selection as gsel
 
 
 def breakdown(fn) -> dict[str, float]:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        if t is None:
-            t = e.cuda_time_total
-        if t > 0:
-            out[e.key[:60]] = t / 3 / 1000  # ms per call
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    """The eight largest kernels of ``fn``: name -> ms per call."""
+    return {name[:60]: ms for ms, _, name in kernel_times(fn)[:8]}
 
 
 def main():

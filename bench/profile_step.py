@@ -13,6 +13,25 @@ import torch
 import sparsek_ops
 
 
+def kernel_times(fn, reps: int = 3) -> list[tuple[float, int, str]]:
+    """CUDA time of every kernel that ``fn`` launches: (ms per call, launches per call, name),
+    largest first; after two warm-up calls, over ``reps`` profiled calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        t = e.cuda_time_total if t is None else t
+        if t > 0:
+            rows.append((t / reps / 1000, e.count // reps, e.key[:90]))
+    return sorted(rows, reverse=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, default=32768)
@@ -34,20 +53,7 @@ def main():
     def step():
         sparsek_ops.sparsek_attention(q, k, v, u, topk=args.topk, window=args.window, backend="triton").backward(do)
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        t = e.cuda_time_total if t is None else t
-        if t > 0:
-            rows.append((t / 3 / 1000, e.count // 3, e.key[:90]))
-    rows.sort(reverse=True)
+    rows = kernel_times(step)
     print(f"S={S} B={B} Hkv={args.Hkv} topk={args.topk} window={args.window} deterministic={args.deterministic}")
     print(f"total CUDA ms per step: {sum(r[0] for r in rows):.3f}")
     for ms, n, name in rows[: args.top]:
