@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selection import Selection, select
+from .selection import Selection, fractional_ranges, select
 
 BLOCK_M = 64
 SEL_BLOCKS = 2  # the selected part works on blocks of SEL_BLOCKS * BLOCK_M queries (see _Plan)
@@ -402,27 +402,17 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     dv = plan.unbuffer(dvbuf)[..., : plan.Dv]
     du = du.view(R, S)
     if L:
-        du = du - _fractional_share(x.sel, x.u64, c[:, :S], window)
+        du = du - _fractional_share(c[:, :S], *fractional_ranges(x.sel.tau, x.u64, window))
     return (dq, dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
             du.reshape(u.shape).to(u.dtype).contiguous())
 
 
-def _fractional_share(sel: Selection, u64: Tensor, c: Tensor, window: int) -> Tensor:
-    """``sum_{i : l in F_i} c_i`` for every pair l, [R, S] float64.
-
-    ``l in F_i`` iff ``i >= l + window`` and ``tau_i < u_l < tau_i + 1`` (the test of
-    ``selection.prefix_fractional_counts``). tau is non-decreasing in i (fact 1), so these
-    queries form one contiguous range found by binary search, and the sum is a difference of
-    prefix sums of c (fact 5). Poisoned (NaN) queries form a suffix and are searched as +inf.
-    """
-    R, S = c.shape
-    tau = torch.nan_to_num(sel.tau, nan=math.inf).contiguous()
-    ul = torch.where(torch.isfinite(u64), u64, 0.0).contiguous()
-    lo = torch.searchsorted(tau + 1, ul, right=True)  # first i with tau_i + 1 > u_l
-    lo = torch.maximum(lo, torch.arange(S, device=c.device) + window).clamp_max(S)
-    hi = torch.searchsorted(tau, ul, right=False)  # first i with tau_i >= u_l
-    cs = torch.cat([c.new_zeros(R, 1), c.cumsum(1)], 1)
-    return torch.where(hi > lo, cs.gather(1, hi) - cs.gather(1, torch.minimum(lo, hi)), 0.0)
+def _fractional_share(c: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``sum_{i : l in F_i} c_i`` for every pair l, [R, S] float64, from c [R, S] and the
+    ranges ``lo[l] <= i < hi[l]`` of queries with l in F_i (``selection.fractional_ranges``):
+    a difference of prefix sums of c (fact 5)."""
+    cs = torch.cat([c.new_zeros(c.shape[0], 1), c.cumsum(1)], 1)
+    return cs.gather(1, hi) - cs.gather(1, lo)
 
 
 from . import cpu_fused  # noqa: E402  (imports this module's _Plan and _Inputs)

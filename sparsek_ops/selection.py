@@ -220,6 +220,32 @@ def prefix_fractional_counts(u: Tensor, tau: Tensor, pu: _Points | None = None) 
     return below_tau1 - at_most_tau
 
 
+def fractional_ranges(tau: Tensor, u64: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Pair l is fractional (``l in F_i``: ``i >= l + window`` and ``tau_i < u_l < tau_i + 1``)
+    exactly for the queries ``lo[l] <= i < hi[l]`` (fact 4). ([R, S] int64 each, ``lo <= hi``.)
+
+    tau [R, S] float64 is non-decreasing in i (fact 1), so each of the two tests holds on one
+    side of a binary search. Poisoned (NaN) queries form a suffix and are searched as +inf (no
+    pair is fractional there); a non-finite score is searched as 0, as the selection ranks it.
+    The Triton backward tests F by these ranges (so its |F_i| and its F agree by construction)."""
+    S = tau.shape[-1]
+    t = torch.nan_to_num(tau, nan=float("inf")).contiguous()
+    ul = torch.where(torch.isfinite(u64), u64, 0.0).contiguous()
+    lo = torch.searchsorted(t + 1, ul, right=True)  # first i with tau_i + 1 > u_l
+    lo = torch.maximum(lo, torch.arange(S, device=tau.device) + window).clamp_max(S)
+    hi = torch.searchsorted(t, ul, right=False)  # first i with tau_i >= u_l
+    return lo, torch.maximum(hi, lo)
+
+
+def range_counts(lo: Tensor, hi: Tensor) -> Tensor:
+    """``|{l : lo[l] <= i < hi[l]}|`` for every i: [R, S] int64 from lo, hi [R, S] (as
+    ``fractional_ranges``). Sorts and searchsorted, no scatter: deterministic."""
+    i = torch.arange(lo.shape[-1], device=lo.device).expand_as(lo).contiguous()
+    started = torch.searchsorted(torch.sort(lo, dim=-1).values, i, right=True)
+    ended = torch.searchsorted(torch.sort(hi, dim=-1).values, i, right=True)
+    return started - ended
+
+
 def sort_desc(u: Tensor) -> Tensor:
     """Positions by descending score, ties to the earlier position. [R, S] int64."""
     return torch.sort(u, dim=1, descending=True, stable=True).indices

@@ -108,3 +108,44 @@ def test_selection_memory_is_linear():
     sel = selection.select(torch.randn(1, 1, S), topk, 256, bm)
     assert sel.tau.numel() == S and sel.evict.numel() == S and sel.n_frac.numel() == S
     assert sel.block_index.numel() == (S // bm) * (topk + bm)
+
+
+@given(R=st.integers(1, 3), S=st.integers(1, 150), topk=st.integers(1, 40), window=st.integers(0, 20),
+       seed=st.integers(0, 2**16), kind=st.sampled_from(["normal", "ties", "plateau", "large"]))
+def test_fractional_ranges_are_the_elementwise_test(R, S, topk, window, seed, kind):
+    """``lo[l] <= i < hi[l]`` iff ``i >= l + window`` and ``tau_i < u_l < tau_i + 1`` (the float64
+    test per pair and query), and ``range_counts`` is |F_i| as the selection counts it."""
+    u = scores(R, S, seed, kind)
+    sel = selection.select(u, topk, window, 16, fractional=True)
+    u64 = u.reshape(R, S).double()
+    lo, hi = selection.fractional_ranges(sel.tau, u64, window)
+    i = torch.arange(S)[None, :, None]
+    ell = torch.arange(S)[None, None, :]
+    tau = sel.tau[:, :, None]
+    want = (ell + window <= i) & (u64[:, None, :] > tau) & (u64[:, None, :] < tau + 1)
+    got = (lo[:, None, :] <= i) & (i < hi[:, None, :])
+    assert torch.equal(got, want)
+    assert torch.equal(selection.range_counts(lo, hi), sel.n_frac.long())
+
+
+@given(R=st.integers(1, 3), S=st.integers(1, 150), topk=st.integers(1, 40), window=st.integers(0, 20),
+       seed=st.integers(0, 2**16), kind=st.sampled_from(["normal", "ties", "plateau", "large"]),
+       slope=st.sampled_from([0.0, 0.05, -0.05]))
+def test_slots_are_chains_of_the_selection(R, S, topk, window, seed, kind, slope):
+    """Fact 6's slots (kernels/slots.py): every pair ever selected has one slot in [0, NL); the
+    pairs of a slot use consecutive, disjoint query ranges from its first pair's entry to S."""
+    from sparsek_ops.kernels.slots import slot_of
+
+    u = scores(R, S, seed, kind) + slope * torch.arange(S)
+    evict = selection.select(u, topk, window, 16, fractional=False).evict.clamp_max(S)
+    slot, nl = slot_of(evict, topk, window)
+    assert nl == max(0, min(topk, S - window))
+    j = torch.arange(S)
+    for r in range(R):
+        chosen = evict[r] > j + window
+        assert torch.equal(slot[r] >= 0, chosen)
+        assert ((slot[r][chosen] >= 0) & (slot[r][chosen] < nl)).all()
+        for s in range(nl):
+            pairs = j[slot[r] == s]
+            starts, ends = pairs + window, evict[r][pairs]
+            assert starts[0] < S and torch.equal(starts[1:], ends[:-1]) and ends[-1] == S, (r, s)
