@@ -1,6 +1,6 @@
 """Kernel-by-kernel CUDA time of one SPARSEK forward+backward (backend "triton") on the GPU.
 
-    python bench/profile_step.py [--S 32768] [--Hkv 16] [--topk 1024] [--window 1024] [--deterministic]
+    python bench/profile_step.py [--S 32768] [--Hkv 16] [--topk 1024] [--window 1024] [--slope 0.0]
 
 Standard workload otherwise (bf16, Hq = 16, D = 128, B * S = 32K). Prints the top kernels by
 CUDA time per step, to see where the time goes before tuning anything.
@@ -38,23 +38,23 @@ def main():
     ap.add_argument("--Hkv", type=int, default=16)
     ap.add_argument("--topk", type=int, default=1024)
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--slope", type=float, default=0.0, help="scores randn + slope * position")
     args = ap.parse_args()
     S, Hq, D = args.S, 16, 128
     B = max(1, 32768 // S)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                for h in (Hq, args.Hkv, args.Hkv))
-    u = torch.randn(B, args.Hkv, S, device="cuda", generator=g).requires_grad_()
+    u = (torch.randn(B, args.Hkv, S, device="cuda", generator=g)
+         + args.slope * torch.arange(S, device="cuda")).requires_grad_()
     do = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
 
     def step():
         sparsek_ops.sparsek_attention(q, k, v, u, topk=args.topk, window=args.window, backend="triton").backward(do)
 
     rows = kernel_times(step)
-    print(f"S={S} B={B} Hkv={args.Hkv} topk={args.topk} window={args.window} deterministic={args.deterministic}")
+    print(f"S={S} B={B} Hkv={args.Hkv} topk={args.topk} window={args.window} slope={args.slope}")
     print(f"total CUDA ms per step: {sum(r[0] for r in rows):.3f}")
     for ms, n, name in rows[: args.top]:
         print(f"{ms:9.3f} ms  x{n:<3d} {name}")

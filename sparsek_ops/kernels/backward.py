@@ -11,29 +11,24 @@ attended key j, with ``s_ij = scale * p_ij * (q_i . k_j)`` (p = 1 for window pai
     du_l = sum_{i : l in T_i ∩ F_i} g_il - sum_{i : l in F_i} c_i
 
 Tile layout: ``common.py`` (a tile's BM rows are BMQ = BM // G queries x the G query heads of
-one KV head, so the keys a block gathers serve the whole group). Kernels:
+one KV head, so the keys a block gathers serve the whole group). Kernels, none with atomics:
 
 * ``_bwd_query_block``, one program per (query block, KV head, batch): recomputes the block's
   gather list (selected pairs) and window span, accumulates dq, and writes ``sum_j g_ij`` of every
-  tile row (the numerator of c_i; each query row belongs to exactly one program, so no atomics).
-  In the non-deterministic mode it also adds the selected pairs' dk, dv and the first term of du
-  into float32 / float64 buffers with relaxed ``tl.atomic_add`` (the default acq_rel ordering
-  fenced every add and doubled the kernel's time).
-* ``_bwd_key_block``, one program per (block of BN keys, KV head, batch), FlashAttention-2
-  style: sweeps the query blocks that attend to its keys and accumulates their dk, dv (and du's
-  first term) in registers, with no atomics. Always used for the window pairs (key j is in the
-  windows of the queries ``j .. j + window - 1``), over consecutive keys. In the deterministic
-  mode a second launch does the selected pairs: pair j is selected by the contiguous queries
-  ``j + window <= i < evict[j]`` (fact 2), and its BN keys are not consecutive positions but
-  entries of ``_pair_groups`` (pairs ordered by lifetime class, then first query), so that one
-  long-lived pair does not make its program sweep every later query block with otherwise idle
-  keys (that version was quadratic: 170 ms at 32K). The program sweeps the union of its pairs'
-  ranges and skips query blocks none of them uses. No atomics anywhere in that mode, so
-  repeated runs are bitwise identical; the grouping still wastes ~2.4x and has few programs
-  when there are few KV heads (bench/NOTES.md has the numbers; the "slots" scheme of fact 6
-  would do better).
+  tile row (the numerator of c_i; each query row belongs to exactly one program).
+* ``_bwd_key_block``, one program per (block of BN consecutive keys, KV head, batch),
+  FlashAttention-2 style: sweeps the query blocks that attend to its keys and accumulates their
+  dk, dv (and du's first term) in registers. It does the window pairs (key j is in the windows
+  of the queries ``j .. j + window - 1``) and, with ENTRY, each selected pair's first query block
+  (pair j is selected by the queries ``j + window <= i < evict[j]``, fact 2).
+* ``slots.py`` then adds the selected pairs' later query blocks, slot by slot (fact 6).
 
-The second term of du is a prefix sum over queries (``cpu._fractional_share``, fact 5), in PyTorch.
+So every sum has a fixed order and repeated runs are bitwise identical, with or without
+``torch.use_deterministic_algorithms``. (Relaxed atomics from the query kernel were 2.4x slower
+at 32K; bench/NOTES.md has every version's numbers.)
+
+F_i is tested by ranges of queries per pair (``selection.fractional_ranges``, fact 4), the same
+ranges |F_i| is counted from; du's second term is a prefix sum over queries (fact 5), in PyTorch.
 
 Precision: the dots run in the input dtype (tensor cores for bf16/fp16; IEEE float32, not TF32,
 for float32 inputs), with float32 accumulation; g and the du sums are float64 once summed over a
@@ -59,51 +54,31 @@ from torch import Tensor
 
 from .. import cpu
 from ..cpu import _fractional_share
+from ..selection import fractional_ranges, range_counts
 from .selection import select_for
-from .common import (block_shift, fractional, in_window, pair_weights, queries_per_block, rows_per_tile,
-                     selected, tile_rows)
-
-
-@triton.jit
-def _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
-               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
-               G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
-    """q [BM, BD] and do [BM, BDV] (input dtype), lse and shift [BM] (float32) of the tile rows
-    (query qi, head h * G + g). Padding rows read zeros; every use of them is masked."""
-    hq = (h * G + g).to(tl.int64)
-    qc = tl.minimum(qi, S - 1).to(tl.int64)
-    b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
-    q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + qc[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=real[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b64 * sdb + hq[:, None] * sdh + qc[:, None] * sds + offs_dv[None, :] * sdd,
-                 mask=real[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    row = (b64 * Hq + hq) * S + qc
-    lse = tl.load(LSE + row, mask=real, other=0.0)
-    sh = tl.load(SHIFT + row, mask=real, other=0.0)
-    return q, do, lse, sh
+from .slots import add_selected_grads
+from .common import (block_shift, in_ranges, in_window, load_rows, pair_weights, queries_per_block,
+                     rows_per_tile, selected, tile_rows)
 
 
 @triton.jit
 def _bwd_query_block(
-    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, LISTS, COUNTS, DQ, CROW, DK, DV, DU,
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, LISTS, COUNTS, DQ, CROW,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     S, L, NBQ, Hq, Hkv, window, scale,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SEL: tl.constexpr, HAS_WIN: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_SEL: tl.constexpr, HAS_WIN: tl.constexpr,
 ):
     """dq of one query block, and (HAS_SEL) the per-row sums of g for c_i:
-    DQ [B, Hq, S, D] (dtype of q), CROW [R, S, G] float64. With ATOMIC, the selected pairs' dk,
-    dv are added into DK [R, S, D], DV [R, S, DV] float32 and du's first term into DU [R, S] float64."""
+    DQ [B, Hq, S, D] (dtype of q), CROW [R, S, G] float64."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     BMQ: tl.constexpr = BM // G
     r64 = (b * Hkv + h).to(tl.int64)
     qi, g, real = tile_rows(pid_m, S, BM, G)
-    q, do, lse, sh = _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+    q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
                                 sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -138,20 +113,9 @@ def _bwd_query_block(
             ds = tl.where(sel, a * (dp * p + sh[:, None]), 0.0)
             dsp = ds * p
             dq += tl.dot(dsp.to(kj.dtype), kj, input_precision=PRECISION)
-            # dL/dp on T_i ∩ F_i only: the same float64 test as selection's |F_i| (fractional).
-            gm = tl.where(sel & fractional(uj, tau), a * dp + qk * ds, 0.0).to(tl.float64)
+            # dL/dp on T_i ∩ F_i only: F by the ranges |F_i| is counted from (FRAC).
+            gm = tl.where(sel & in_ranges(qi, FRAC, r64 * S + jc64, valid), a * dp + qk * ds, 0.0).to(tl.float64)
             c_acc += tl.sum(gm, 1)
-            if ATOMIC:
-                # Every valid slot of the gather list is a distinct pair: no two lanes of one
-                # atomic hit the same address.
-                dk_t = tl.dot(tl.trans(dsp.to(q.dtype)), q, input_precision=PRECISION) * scale
-                # relaxed: only the sums matter, no ordering (the default acq_rel fences each add)
-                tl.atomic_add(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], dk_t, sem="relaxed",
-                              mask=valid[:, None] & (offs_d[None, :] < D))
-                dv_t = tl.dot(tl.trans((a * p).to(do.dtype)), do, input_precision=PRECISION)
-                tl.atomic_add(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv_t, sem="relaxed",
-                              mask=valid[:, None] & (offs_dv[None, :] < DV_))
-                tl.atomic_add(DU + r64 * S + jc64, tl.sum(gm, 0), mask=valid, sem="relaxed")
         tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
     if HAS_WIN:
         # Window span of the block: positions i0 - window + 1 .. i0 + BMQ - 1 (inside [0, S)).
@@ -179,31 +143,26 @@ def _bwd_query_block(
 
 @triton.jit
 def _bwd_key_block(
-    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, ORDER, DK, DV, DU,
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, DK, DV, DU,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     S, Hq, Hkv, window, scale,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, SELECTED: tl.constexpr,
-    WINDOW: tl.constexpr = True, GATHER: tl.constexpr = False,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+    ENTRY: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """dk, dv of BN consecutive keys from every query that attends to them: the window queries
-    ``j .. j + window - 1`` and, with SELECTED, the selecting queries ``j + window .. evict[j] - 1``
-    (then also du's first term). Writes DK [R, S, D], DV [R, S, DV] (their pointer's dtype) and,
-    with SELECTED, DU [R, S] float64; each key belongs to one program, so plain stores.
-
-    With GATHER (and SELECTED, not WINDOW) the BN keys are not consecutive: they are entries
-    pid_n * BN .. of ORDER [R, S] (``_pair_groups``: selected pairs grouped by similar query
-    ranges), and only their selected queries are swept; keys never selected are skipped."""
+    """dk, dv of BN consecutive keys from the window queries ``j .. j + window - 1`` (WINDOW) and,
+    with ENTRY, from the selecting queries ``j + window .. evict[j] - 1`` that lie in the query
+    block of BMQ queries where pair j enters (then also du's first term; ``slots.py`` adds the
+    later blocks). Writes DK [R, S, D], DV [R, S, DV] (their pointer's dtype) and, with ENTRY,
+    DU [R, S] float64, or adds to them with ACCUMULATE; each key belongs to one program, so
+    plain stores. (One launch per part: the selected part's per-score work slowed the window
+    sweep 5x when both ran in one loop.)"""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     BMQ: tl.constexpr = BM // G
     r64 = (b * Hkv + h).to(tl.int64)
-    if GATHER:
-        slot = pid_n * BN + tl.arange(0, BN)
-        j = tl.load(ORDER + r64 * S + slot, mask=slot < S, other=S)
-    else:
-        j = pid_n * BN + tl.arange(0, BN)
+    j = pid_n * BN + tl.arange(0, BN)
     valid = j < S
     jc64 = tl.minimum(j, S - 1).to(tl.int64)
     offs_d = tl.arange(0, BD)
@@ -215,37 +174,32 @@ def _bwd_key_block(
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     du = tl.zeros([BN], tl.float64)
-    # Queries that use these keys: from the first key on (window, or j + window >= j when
-    # selected), to one past the last window query of the last key ...
+    # Queries that use these keys: the window queries j .. j + window - 1 of every key, ...
     q_lo = pid_n * BN
     q_hi = tl.minimum(tl.minimum(pid_n * BN + BN, S) - 1 + window, S)
-    if SELECTED:
+    if not WINDOW:
+        q_lo = pid_n * BN + window
+    if ENTRY:
         uj = tl.load(U + r64 * S + jc64, mask=valid, other=0.0)  # float64
         ev = tl.load(EVICT + r64 * S + jc64, mask=valid, other=0)  # clamped to S by the caller
-        if GATHER:
-            # Only the selecting queries j + window .. evict[j] - 1 of pairs ever selected.
-            valid = valid & (ev > j + window)
-            q_lo = tl.min(tl.where(valid, j + window, S), 0)
-            q_hi = tl.max(tl.where(valid, ev, 0), 0)
-        else:
-            # ... or to the last selecting query (evict is one past it).
-            q_hi = tl.maximum(q_hi, tl.max(tl.where(valid, ev, 0), 0))
+        # ... and the selecting queries in the block each pair enters in, up to its end.
+        ev = tl.minimum(ev, ((j + window) // BMQ + 1) * BMQ)
+        q_hi = tl.maximum(q_hi, tl.max(tl.where(valid, ev, 0), 0))
     for qb in range(q_lo // BMQ, tl.cdiv(q_hi, BMQ)):
         qs = qb * BMQ
         qe = qs + BMQ
-        # Does any key of this block meet a query of [qs, qe)? In the window-only sweep always;
-        # with long-lived pairs the selected ranges can leave gaps, skipped here.
+        # Does any key of this block meet a query of [qs, qe)?
         used = valid & (j < qe) & (j + window > qs) & WINDOW
-        if SELECTED:
+        if ENTRY:
             used = used | (valid & (j + window < qe) & (ev > qs) & (ev > j + window))
         if tl.max(used.to(tl.int32), 0) > 0:
             qi, g, real = tile_rows(qb, S, BM, G)
-            q, do, lse, sh = _load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+            q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
                                         sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             att = in_window(j, valid, qi, window) & real[:, None] & WINDOW
-            if SELECTED:
+            if ENTRY:
                 tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
                 sel = selected(j, valid, ev, qi, window) & real[:, None]
                 # The query block's own shift, as the query-block kernel (and forward) use.
@@ -259,43 +213,34 @@ def _bwd_key_block(
             ds = tl.where(att, a * (dp * p + sh[:, None]), 0.0)
             dv += tl.dot(tl.trans((a * p).to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans((ds * p).to(q.dtype)), q, input_precision=PRECISION)
-            if SELECTED:
-                gm = tl.where(sel & fractional(uj, tau), a * dp + qk * ds, 0.0).to(tl.float64)
+            if ENTRY:
+                gm = tl.where(sel & in_ranges(qi, FRAC, r64 * S + jc64, valid), a * dp + qk * ds, 0.0).to(tl.float64)
                 du += tl.sum(gm, 0)
-    tl.store(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=valid[:, None] & (offs_d[None, :] < D))
-    tl.store(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-             mask=valid[:, None] & (offs_dv[None, :] < DV_))
-    if SELECTED:
+    dk = dk * scale
+    pk = DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :]
+    mk = valid[:, None] & (offs_d[None, :] < D)
+    pv = DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :]
+    mv = valid[:, None] & (offs_dv[None, :] < DV_)
+    if ACCUMULATE:
+        dk += tl.load(pk, mask=mk, other=0.0)
+        dv += tl.load(pv, mask=mv, other=0.0)
+    tl.store(pk, dk.to(DK.dtype.element_ty), mask=mk)
+    tl.store(pv, dv.to(DV.dtype.element_ty), mask=mv)
+    if ENTRY:
         tl.store(DU + r64 * S + jc64, du, mask=valid)
-
-
-def _pair_groups(evict: Tensor, window: int) -> Tensor:
-    """ORDER [R, S] int32: the positions, ordered so that every BN consecutive entries (one
-    program of the grouped key sweep) have similar selecting ranges ``[j + window, evict[j])``:
-    by lifetime class (half octaves of ``evict[j] - j - window``), then by first query; pairs
-    never selected go last. A program sweeps the union of its pairs' ranges, so grouping
-    consecutive positions (one long-lived pair among short-lived ones) would sweep the long range
-    for nearly every group: quadratic. Sort-based, no host sync."""
-    R, S = evict.shape
-    start = torch.arange(S, device=evict.device) + window
-    life = evict.long() - start
-    cls = torch.where(life > 0, (2 * torch.log2(life.clamp_min(1).double())).long(), 200)
-    key = cls * (S + window + 1) + start
-    return torch.sort(key, dim=1, stable=True).indices.to(torch.int32).contiguous()
 
 
 def _tiles(BD: int, BDV: int) -> tuple[int, int, int]:
     """(requested tile rows, keys per tile, pipeline stages) for padded head dims BD, BDV: 64, 64
     and 2 up to 128; 32, 32 and 1 above, so that the q, do, k, v tiles and the key kernel's dk, dv
-    accumulators stay within registers and shared memory. Not tuned yet."""
+    accumulators stay within registers and shared memory."""
     return (64, 64, 2) if max(BD, BDV) <= 128 else (32, 32, 1)
 
 
 def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, u: Tensor,
              out: Tensor, lse: Tensor, topk: int, window: int, scale: float,
-             block_m: int | None = None, deterministic: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of SPARSEK attention, same contract as ``cpu.backward``.
+             block_m: int | None = None, n_segments: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of SPARSEK attention, same contract as ``cpu.backward``; deterministic.
 
     grad_out [B, Hq, S, Dv], grad_lse [B, Hq, S] or None, q [B, Hq, S, D], k [B, Hkv, S, D],
     v [B, Hkv, S, Dv], u [B, Hkv, S], out [B, Hq, S, Dv], lse [B, Hq, S] (float32; float64 for
@@ -303,14 +248,11 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     of its input.
 
     ``block_m``: requested tile rows (``common.rows_per_tile``, at least 16 for ``tl.dot``;
-    None: 64, or 32 for head dims above 128). ``deterministic``: no atomics, so repeated calls
-    are bitwise identical (slower, see the module docstring); None means
-    ``torch.are_deterministic_algorithms_enabled()``. float64 inputs run ``cpu.backward``.
+    None: 64, or 32 for head dims above 128). ``n_segments``: the slot sweep's query segments
+    (``slots.segments``; tests force it). float64 inputs run ``cpu.backward``.
     """
     if q.dtype == torch.float64:
         return cpu.backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     B, Hq, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G, R = Hq // Hkv, B * Hkv
@@ -332,55 +274,50 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
         shift = shift.add_(grad_lse.float())
     shift = shift.contiguous()
     lse32 = lse.float().contiguous()
+    u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
 
     if has_sel:
-        sel = select_for(u, topk, window, BMQ, fractional=True)
+        sel = select_for(u, topk, window, BMQ, fractional=False)
         tau = sel.tau.contiguous()
-        # evict clamped to S: the key kernel's sweep ends there, and int32 cannot overflow.
+        # F_i by ranges of queries per pair: one source for the kernels' tests and for |F_i|.
+        f_lo, f_hi = fractional_ranges(tau, u64, window)
+        frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
+        # evict clamped to S: the sweeps end there, and int32 cannot overflow.
         evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
         lists = sel.block_index.to(torch.int32).contiguous()
         L = lists.shape[-1]
         counts = (sel.block_index >= 0).sum(-1, dtype=torch.int32).contiguous()
     else:
         tau = torch.zeros(1, dtype=torch.float64, device=dev)
-        evict = lists = counts = torch.zeros(1, dtype=torch.int32, device=dev)
+        evict = lists = counts = frac = torch.zeros(1, dtype=torch.int32, device=dev)
         L = 0
-    u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     crow = torch.empty(R, S, G, dtype=torch.float64, device=dev) if has_sel else torch.zeros(1, dtype=torch.float64, device=dev)
-    atomic = has_sel and not deterministic
-    grouped = has_sel and deterministic
-    # With selected pairs, dk and dv are sums of parts: float32 buffers, cast at the end.
-    buf_k = torch.float32 if has_sel else k.dtype
-    buf_v = torch.float32 if has_sel else v.dtype
-    alloc = torch.empty if has_win else torch.zeros  # the window sweep writes every key
-    dk = alloc(R, S, D, dtype=buf_k, device=dev)
-    dv = alloc(R, S, Dv, dtype=buf_v, device=dev)
-    du = torch.zeros(R, S, dtype=torch.float64, device=dev)
+    # The first key sweep writes every key; with selected pairs the entry sweep and the slot
+    # sweep add to them after, so float32 buffers, cast at the end.
+    dk = torch.empty(R, S, D, dtype=torch.float32 if has_sel else k.dtype, device=dev)
+    dv = torch.empty(R, S, Dv, dtype=torch.float32 if has_sel else v.dtype, device=dev)
+    du = (torch.empty if has_sel else torch.zeros)(R, S, dtype=torch.float64, device=dev)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM, BN=BN,
+    meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if has_win:
             _bwd_key_block[(-(-S // BN), Hkv, B)](
-                q, k, v, grad_out, lse32, shift, u64, tau, evict, evict, dk, dv, du, *strides,
-                S, Hq, Hkv, window, scale, SELECTED=False, WINDOW=True, GATHER=False, **meta)
-        if grouped:
-            order = _pair_groups(evict.view(R, S), window)
-            dks = torch.zeros(R, S, D, dtype=torch.float32, device=dev)
-            dvs = torch.zeros(R, S, Dv, dtype=torch.float32, device=dev)
+                q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, dk, dv, du, *strides,
+                S, Hq, Hkv, window, scale, WINDOW=True, ENTRY=False, ACCUMULATE=False, BN=BN, **meta)
+        if has_sel:
             _bwd_key_block[(-(-S // BN), Hkv, B)](
-                q, k, v, grad_out, lse32, shift, u64, tau, evict, order, dks, dvs, du, *strides,
-                S, Hq, Hkv, window, scale, SELECTED=True, WINDOW=False, GATHER=True, **meta)
+                q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, dk, dv, du, *strides,
+                S, Hq, Hkv, window, scale, WINDOW=False, ENTRY=True, ACCUMULATE=has_win, BN=BN, **meta)
+            add_selected_grads(q, k, v, grad_out, lse32, shift, u64, tau, evict.view(R, S), frac, dk, dv, du,
+                               topk, window, scale, meta, n_segments)
         _bwd_query_block[(NBQ, Hkv, B)](
-            q, k, v, grad_out, lse32, shift, u64, tau, evict, lists, counts, dq, crow, dk, dv, du, *strides,
-            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, ATOMIC=atomic, **meta)
-    if grouped:
-        dk += dks
-        dv += dvs
+            q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lists, counts, dq, crow, *strides,
+            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, BN=BN, **meta)
     if has_sel:
-        c = crow.sum(-1) / sel.n_frac.clamp_min(1)
-        du = du - _fractional_share(sel, u64, c, window)
+        c = crow.sum(-1) / range_counts(f_lo, f_hi).clamp_min(1)
+        du = du - _fractional_share(c, f_lo, f_hi)
     return (dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
             du.view(u.shape).to(u.dtype).contiguous())

@@ -103,6 +103,36 @@ def fractional(u_j, tau_i):
     return (u_j[None, :] > tau_i[:, None]) & (u_j[None, :] < tau_i[:, None] + 1.0)
 
 
+@triton.jit
+def load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
+               G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """q [BM, BD] and do [BM, BDV] (input dtype), lse and shift [BM] (float32) of the tile rows
+    (query qi, head h * G + g). Padding rows read zeros; every use of them is masked."""
+    hq = (h * G + g).to(tl.int64)
+    qc = tl.minimum(qi, S - 1).to(tl.int64)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + qc[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=real[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b64 * sdb + hq[:, None] * sdh + qc[:, None] * sds + offs_dv[None, :] * sdd,
+                 mask=real[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row = (b64 * Hq + hq) * S + qc
+    lse = tl.load(LSE + row, mask=real, other=0.0)
+    sh = tl.load(SHIFT + row, mask=real, other=0.0)
+    return q, do, lse, sh
+
+
+@triton.jit
+def in_ranges(qi, FRAC, row, real_j):
+    """[BM, BN] ``j in F_i``: ``FRAC[row, 0] <= qi < FRAC[row, 1]`` (FRAC [R, S, 2] int32 from
+    ``selection.fractional_ranges``; row [BN] int64 = ``r * S + j``)."""
+    f0 = tl.load(FRAC + row * 2, mask=real_j, other=0)
+    f1 = tl.load(FRAC + row * 2 + 1, mask=real_j, other=0)
+    return (qi[:, None] >= f0[None, :]) & (qi[:, None] < f1[None, :])
+
+
 # ------------------------------------------------------------------ added for the GQA forward
 @triton.jit
 def block_shift32(TAU_ROW, pid_m, S, BMQ: tl.constexpr):

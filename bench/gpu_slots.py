@@ -1,0 +1,73 @@
+"""The slot sweep (kernels/slots.py) alone on the GPU: time per launch config, registers and
+spills, at the standard workload. Diagnostics for tuning, not a regression benchmark.
+
+    PYTHONPATH=$PWD python3 bench/gpu_slots.py [--S 32768] [--Hkv 16] [--slope 0] --out $OUT
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from sparsek_ops import cpu
+from sparsek_ops.kernels import slots
+from sparsek_ops.kernels.selection import select_for
+from sparsek_ops.selection import fractional_ranges
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, default=32768)
+    ap.add_argument("--Hkv", type=int, default=16)
+    ap.add_argument("--slope", type=float, default=0.0)
+    ap.add_argument("--configs", default="64:64:4:1,64:64:8:1,128:64:8:1,64:32:4:1,128:32:8:1,64:64:8:2")
+    ap.add_argument("--out", default=".")
+    a = ap.parse_args()
+    S, Hq, Hkv, D, topk, window = a.S, 16, a.Hkv, 128, 1024, 1024
+    B = max(1, 32768 // S)
+    R, G = B * Hkv, Hq // Hkv
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, Hq, S, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=g)
+    do = torch.randn(B, Hq, S, D, device=dev, dtype=torch.bfloat16, generator=g)
+    u = torch.randn(B, Hkv, S, device=dev, generator=g) + a.slope * torch.arange(S, device=dev)
+    lse = torch.randn(B, Hq, S, device=dev) + 8
+    shift = torch.randn(B, Hq, S, device=dev) * 0.01
+    sel = select_for(u, topk, window, 64, fractional=True)
+    tau = sel.tau.contiguous()
+    evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
+    u64 = u.reshape(R, S).double().contiguous()
+    f_lo, f_hi = fractional_ranges(tau, u64, window)
+    frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
+    rows = []
+    for cfg in a.configs.split(","):
+        bm, bs, warps, stages = (int(x) for x in cfg.split(":"))
+        slots.SLOTS_PER_TILE = bs
+        slots.SWEEP_WARPS, slots.SWEEP_STAGES = warps, stages
+        BM = max(bm, G)
+        meta = dict(G=G, D=D, DV_=D, BD=D, BDV=D, BM=BM, PRECISION="tf32", num_stages=stages, num_warps=warps)
+        dk = torch.zeros(R, S, D, device=dev)
+        dv = torch.zeros(R, S, D, device=dev)
+        du = torch.zeros(R, S, device=dev, dtype=torch.float64)
+
+        def run():
+            slots.add_selected_grads(q, k, v, do, lse, shift, u64, tau, evict, frac, dk, dv, du, topk, window,
+                                     D ** -0.5, meta)
+        run()
+        ms = triton.testing.do_bench(run, warmup=5, rep=50)
+        kern = slots._bwd_slot_sweep.device_caches[torch.cuda.current_device()][0]
+        info = {}
+        for ck in kern.values():
+            info = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None))
+        rows.append(dict(config=cfg, ms=round(ms, 3), **info))
+        print(rows[-1], flush=True)
+    with open(os.path.join(a.out, f"gpu_slots_{S}_{Hkv}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""dk, dv and du's first term of the selected pairs, without atomics: the "slots" of DESIGN.md
+section 3, fact 6.
+
+Once the first ``NL = min(topk, S - window)`` candidates have entered, the top-k set has NL
+members at every query, and it changes only when a newcomer evicts a member (fact 2): at query
+``i = evict[l]`` pair ``l`` leaves and the newcomer ``i - window`` takes its place. So the
+selected pairs form NL *chains*: slot s starts with pair s (the candidates of the fill phase all
+enter) and the successor of pair l is ``evict[l] - window`` until a pair stays to the end
+(``evict >= S``). The pairs of one chain use consecutive, disjoint query ranges
+``[j + window, evict[j])``; every selected pair is in exactly one chain.
+
+* ``slot_of`` numbers the chains by pointer jumping along the successors (each chain ends in a
+  distinct pair that stays to the end; log2 S rounds of one gather, no host sync).
+* ``_segment_lanes`` writes, for each segment of the queries (and each slot), the pair that
+  occupies the slot at the segment's first query (or, in the fill phase, the pair that will).
+* ``_bwd_slot_sweep``, one program per (tile of BS slots, segment, KV head, batch), sweeps the
+  segment's query blocks in order with one key per slot, FlashAttention-2 style: dk, dv and
+  du's first term accumulate in registers, and when a slot's pair is evicted within the block
+  its sums are added to its rows (a plain read-add-write: a pair lives in one slot, and it is
+  evicted in one segment) and the newcomer's key and value are loaded in its place. A newcomer
+  that starts within the block is swept over the block again (only the changed slots count).
+  At the end of a segment, the sums of the pairs still in their slots are parked, per slot.
+* ``_add_carries``, one program per (tile of slots, KV head, batch), adds the parked sums to
+  their pairs, segment after segment; a pair never changes slots, so no two programs meet.
+
+No atomics and a fixed order of every sum: repeated runs are bitwise identical. The work is
+the selected part of the backward (about 4 dots of BM x BS x D per query block and slot tile),
+plus one more sweep of a block for each slot that changes within it (rare for long-lived
+pairs; about one per query for scores with a strong recency slope).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import block_shift, clip01, load_rows, tile_rows
+
+# Launch config of the slot sweep (BS slots x BM query rows per tile): measured on the H100 at
+# S = 32K, D = 128 (bench/gpu_slots.py; wider tiles spill registers and run 2-3x slower).
+SLOTS_PER_TILE, SWEEP_WARPS, SWEEP_STAGES = 32, 4, 3
+PROGRAMS_PER_SM = 4  # segments are added until about this many programs per SM
+MIN_SEGMENT_BLOCKS = 4  # ... but a segment keeps at least this many query blocks
+
+
+def slot_of(evict: Tensor, topk: int, window: int) -> tuple[Tensor, int]:
+    """The chain (slot) of every pair: ([R, S] int32, -1 for pairs never selected; NL, the
+    number of slots). ``evict`` [R, S] as ``Selection.evict`` (clamped to S or not)."""
+    R, S = evict.shape
+    nl = max(0, min(topk, S - window))
+    dev = evict.device
+    e = evict.clamp_max(S).long()
+    j = torch.arange(S, device=dev).expand(R, S)
+    chosen = e > j + window
+    # successor (or the pair itself for pairs never selected and for those that stay)
+    succ = torch.where(chosen & (e < S), e - window, j)
+    for _ in range(max(1, math.ceil(math.log2(max(S, 2))))):
+        succ = succ.gather(1, succ)
+    tail = chosen & (e >= S)
+    rank = tail.to(torch.int32).cumsum(1, dtype=torch.int32) - 1
+    return torch.where(chosen, rank.gather(1, succ), -1).to(torch.int32).contiguous(), nl
+
+
+def segments(NL: int, R: int, NBQ: int, BS: int, device: torch.device, segments: int | None = None) -> int:
+    """Query blocks per segment: enough segments for PROGRAMS_PER_SM programs per SM (few KV
+    heads, short batches), none shorter than MIN_SEGMENT_BLOCKS blocks. ``segments`` forces a
+    count (tests)."""
+    if segments is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        tiles = -(-NL // BS) * R
+        segments = max(1, min(-(-PROGRAMS_PER_SM * sms // tiles), NBQ // MIN_SEGMENT_BLOCKS))
+    return -(-NBQ // max(1, min(segments, NBQ)))
+
+
+@triton.jit
+def _segment_lanes(EVICT, SLOT, LANES, S, NL, NZ, SEGQ, topk, window, BLOCK: tl.constexpr):
+    """LANES [R, NZ, NL] int32: the pair in slot s at the first query za of segment z, i.e. the
+    pair with ``j + window <= za < evict[j]``, or the slot's first pair (j < topk) while it has
+    not entered yet. Exactly one pair per (segment, slot), so plain stores."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    z = tl.program_id(1)
+    r64 = tl.program_id(2).to(tl.int64)
+    za = z * SEGQ
+    inb = j < S
+    e = tl.load(EVICT + r64 * S + j, mask=inb, other=0)
+    s = tl.load(SLOT + r64 * S + j, mask=inb, other=-1)
+    m = inb & (s >= 0) & (s < NL) & (e > za) & ((j + window <= za) | (j < topk))
+    tl.store(LANES + (r64 * NZ + z) * NL + s, j, mask=m)
+
+
+@triton.jit
+def _flush(DK, DV, DU, rows, m, acc_k, acc_v, acc_u, scale,
+           D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """DK[rows] += acc_k * scale, DV[rows] += acc_v, DU[rows] += acc_u where m [BS] (rows int64:
+    ``r * S + pair``). Plain read-add-write: the caller owns these rows."""
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    mk = m[:, None] & (offs_d[None, :] < D)
+    pk = DK + rows[:, None] * D + offs_d[None, :]
+    tl.store(pk, tl.load(pk, mask=mk, other=0.0) + acc_k * scale, mask=mk)
+    mv = m[:, None] & (offs_dv[None, :] < DV_)
+    pv = DV + rows[:, None] * DV_ + offs_dv[None, :]
+    tl.store(pv, tl.load(pv, mask=mv, other=0.0) + acc_v, mask=mv)
+    tl.store(DU + rows, tl.load(DU + rows, mask=m, other=0.0) + acc_u, mask=m)
+
+
+@triton.jit
+def _slot_rows(K, V, EVICT, U, FRAC, b, h, r64, cur, m, S,
+               skb, skh, sks, skd, svb, svh, svs, svd,
+               D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """For the pairs ``cur`` [BS] where m: key [BS, BD], value [BS, BDV], evict, score (float64)
+    and fractional range (lo, hi); zeros elsewhere."""
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    j64 = tl.where(m, cur, 0).to(tl.int64)
+    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + j64[:, None] * sks + offs_d[None, :] * skd,
+                mask=m[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + j64[:, None] * svs + offs_dv[None, :] * svd,
+                mask=m[:, None] & (offs_dv[None, :] < DV_), other=0.0)
+    row = r64 * S + j64
+    ev = tl.load(EVICT + row, mask=m, other=0)  # clamped to S by the caller
+    uj = tl.load(U + row, mask=m, other=0.0)
+    f0 = tl.load(FRAC + row * 2, mask=m, other=0)
+    f1 = tl.load(FRAC + row * 2 + 1, mask=m, other=0)
+    return k, v, ev, uj, f0, f1
+
+
+@triton.jit
+def _bwd_slot_sweep(
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, LANES, DK, DV, DU, CK, CV, CU,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    S, NL, NZ, SEGB, Hq, Hkv, window, scale,
+    G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Adds the selected pairs' dk (times scale), dv and du's first term from the query blocks
+    *after* the block each pair enters in (the entry block is the key-block kernel's, ENTRY)
+    into DK [R, S, D], DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted
+    within the segment, and parks the sums of the pairs still in their slots at its end in
+    CK [R, NZ-1, NL, D], CV [R, NZ-1, NL, DV], CU [R, NZ-1, NL] (segments but the last).
+
+    So a slot's pair changes only between query blocks: in block [qs, qe) slot s works for the
+    pair that entered before qs and is evicted after it, if any, and the tile is one dense pass.
+    Tiles are transposed (slots x query rows, as FlexAttention's key-side loop) so that the dk,
+    dv dots take them as they are."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    BMQ: tl.constexpr = BM // G
+    NT = tl.cdiv(NL, BS)
+    t = pid % NT
+    z = pid // NT
+    r64 = (b * Hkv + h).to(tl.int64)
+    lane = t * BS + tl.arange(0, BS)
+    lane_ok = lane < NL
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    cur = tl.load(LANES + (r64 * NZ + z) * NL + lane, mask=lane_ok, other=-1)
+    # Per slot: its pair's key and value (kept across blocks: reloaded only when the slot
+    # changes, so the loop streams q and do alone, as FlashAttention's key-side loop),
+    # eviction, score and fractional range.
+    k, v, ev, uj, f0, f1 = _slot_rows(K, V, EVICT, U, FRAC, b, h, r64, cur, cur >= 0, S,
+                                      skb, skh, sks, skd, svb, svh, svs, svd, D, DV_, BD, BDV)
+    acc_k = tl.zeros([BS, BD], tl.float32)
+    acc_v = tl.zeros([BS, BDV], tl.float32)
+    acc_u = tl.zeros([BS], tl.float64)
+    qb1 = tl.minimum(z * SEGB + SEGB, tl.cdiv(S, BMQ))
+    # Blocks before any slot's pair has entered have nothing to do.
+    first = tl.min(tl.where(cur >= 0, cur + window, S), 0) // BMQ + 1
+    for qb in range(tl.maximum(z * SEGB, first), qb1):
+        qs = qb * BMQ
+        # Pairs evicted by qs are complete: flush them, then follow each slot's chain to the
+        # pair that holds it at qs (pairs entering and leaving within one block have no part here).
+        ended = (cur >= 0) & (ev <= qs)
+        if tl.max(ended.to(tl.int32), 0) > 0:
+            _flush(DK, DV, DU, r64 * S + tl.maximum(cur, 0).to(tl.int64), ended, acc_k, acc_v, acc_u, scale,
+                   D, DV_, BD, BDV)
+            acc_k = tl.where(ended[:, None], 0.0, acc_k)
+            acc_v = tl.where(ended[:, None], 0.0, acc_v)
+            acc_u = tl.where(ended, 0.0, acc_u)
+            changed = ended
+            while tl.max(ended.to(tl.int32), 0) > 0:
+                # the newcomer that evicts pair j is ev - window; nxt > j for every real
+                # eviction, and the test keeps the walk finite whatever EVICT holds
+                nxt = ev - window
+                cur = tl.where(ended, tl.where((ev < S) & (nxt > cur), nxt, -1), cur)
+                ev = tl.where(ended, tl.load(EVICT + r64 * S + tl.maximum(cur, 0), mask=ended & (cur >= 0), other=0), ev)
+                ended = (cur >= 0) & (ev <= qs)
+            kn, vn, evn, un, f0n, f1n = _slot_rows(K, V, EVICT, U, FRAC, b, h, r64, cur, changed & (cur >= 0), S,
+                                                   skb, skh, sks, skd, svb, svh, svs, svd, D, DV_, BD, BDV)
+            k = tl.where(changed[:, None], kn, k)
+            v = tl.where(changed[:, None], vn, v)
+            uj = tl.where(changed, un, uj)
+            f0 = tl.where(changed, f0n, f0)
+            f1 = tl.where(changed, f1n, f1)
+        # Slots whose pair entered before this block (its entry block is ENTRY's); every row is
+        # past the entry (j + window < qs <= i), so only the eviction cuts.
+        use = (cur >= 0) & (cur + window < qs)
+        qi, g, real = tile_rows(qb, S, BM, G)
+        q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+                                   sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
+        shift_b = block_shift(TAU + r64 * S, qb, S, BMQ)
+        # per-row values cost many registers in this layout: tau as one float32 vector
+        tau_s = (tl.load(TAU + r64 * S + tl.minimum(qi, S - 1)) - shift_b).to(tl.float32)
+        selT = use[:, None] & (qi[None, :] < ev[:, None]) & real[None, :]
+        pT = tl.where(selT, clip01((uj - shift_b).to(tl.float32)[:, None] - tau_s[None, :]), 0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        aT = tl.where(selT, tl.exp(qkT * pT - lse[None, :]), 0.0)
+        tT = dpT * pT + sh[None, :]
+        acc_v += tl.dot((aT * pT).to(do.dtype), do, input_precision=PRECISION)
+        # masked again: shift is NaN on a poisoned query's row, and 0 * NaN is NaN
+        acc_k += tl.dot(tl.where(selT, aT * tT * pT, 0.0).to(q.dtype), q, input_precision=PRECISION)
+        # dL/dp = a (dp + qk (p dp + shift)) on T_i ∩ F_i (F by the ranges of FRAC, as
+        # |F_i|); float32 over the block's rows, float64 across blocks
+        frT = selT & (qi[None, :] >= f0[:, None]) & (qi[None, :] < f1[:, None])
+        acc_u += tl.sum(tl.where(frT, aT * (dpT + qkT * tT), 0.0), 1).to(tl.float64)
+    # Segment end: pairs evicted by its end are complete, the others' sums are parked.
+    zb = tl.minimum(qb1 * BMQ, S)
+    ended = (cur >= 0) & (ev <= zb)
+    _flush(DK, DV, DU, r64 * S + tl.maximum(cur, 0).to(tl.int64), ended, acc_k, acc_v, acc_u, scale,
+           D, DV_, BD, BDV)
+    if z < NZ - 1:
+        c64 = r64 * (NZ - 1) + z
+        rows = (c64 * NL + lane).to(tl.int64)
+        keep = lane_ok & ~ended
+        tl.store(CK + rows[:, None] * D + offs_d[None, :], tl.where(keep[:, None], acc_k * scale, 0.0),
+                 mask=lane_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(CV + rows[:, None] * DV_ + offs_dv[None, :], tl.where(keep[:, None], acc_v, 0.0),
+                 mask=lane_ok[:, None] & (offs_dv[None, :] < DV_))
+        tl.store(CU + rows, tl.where(keep, acc_u, 0.0), mask=lane_ok)
+
+
+@triton.jit
+def _add_carries(LANES, DK, DV, DU, CK, CV, CU, S, NL, NZ, Hkv,
+                 D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                 BS: tl.constexpr):
+    """Adds the sums parked at the end of segment z (z = 0 .. NZ-2, in order) to the pairs that
+    hold the slots at the start of segment z + 1."""
+    t = tl.program_id(0)
+    r64 = (tl.program_id(2) * Hkv + tl.program_id(1)).to(tl.int64)
+    lane = t * BS + tl.arange(0, BS)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    for z in range(0, NZ - 1):
+        j = tl.load(LANES + (r64 * NZ + z + 1) * NL + lane, mask=lane < NL, other=-1)
+        ok = j >= 0
+        j64 = r64 * S + tl.where(ok, j, 0).to(tl.int64)
+        rows = ((r64 * (NZ - 1) + z) * NL + lane).to(tl.int64)
+        mk = ok[:, None] & (offs_d[None, :] < D)
+        pk = DK + j64[:, None] * D + offs_d[None, :]
+        tl.store(pk, tl.load(pk, mask=mk, other=0.0)
+                 + tl.load(CK + rows[:, None] * D + offs_d[None, :], mask=mk, other=0.0), mask=mk)
+        mv = ok[:, None] & (offs_dv[None, :] < DV_)
+        pv = DV + j64[:, None] * DV_ + offs_dv[None, :]
+        tl.store(pv, tl.load(pv, mask=mv, other=0.0)
+                 + tl.load(CV + rows[:, None] * DV_ + offs_dv[None, :], mask=mv, other=0.0), mask=mv)
+        tl.store(DU + j64, tl.load(DU + j64, mask=ok, other=0.0) + tl.load(CU + rows, mask=ok, other=0.0),
+                 mask=ok)
+
+
+def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32: Tensor, shift: Tensor,
+                       u64: Tensor, tau: Tensor, evict: Tensor, frac: Tensor, dk: Tensor, dv: Tensor, du: Tensor,
+                       topk: int, window: int, scale: float, meta: dict, n_segments: int | None = None) -> None:
+    """Adds the selected pairs' dk, dv and du's first term into dk [R, S, D], dv [R, S, DV]
+    (float32) and du [R, S] (float64), in place. q [B, Hq, S, D], k, v, grad_out as the
+    backward's (any strides); lse32, shift [B, Hq, S] float32; u64, tau [R, S] float64; evict
+    [R, S] int32 clamped to S; frac [R, S, 2] int32, the ranges of ``fractional_ranges``. ``meta``: the backward's tile constants (G, D, DV_, BD, BDV, BM,
+    PRECISION, num_stages). ``n_segments`` forces the number of query segments (tests)."""
+    B, Hq, S, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    R = B * Hkv
+    slot, NL = slot_of(evict, topk, window)
+    if NL == 0:
+        return
+    BM, G = meta["BM"], meta["G"]
+    BS = SLOTS_PER_TILE if max(meta["BD"], meta["BDV"]) <= 128 else 16
+    BMQ = BM // G
+    NBQ = -(-S // BMQ)
+    SEGB = segments(NL, R, NBQ, BS, q.device, n_segments)
+    NZ = -(-NBQ // SEGB)
+    NT = -(-NL // BS)
+    dev = q.device
+    lanes = torch.full((R, NZ, NL), -1, dtype=torch.int32, device=dev)
+    BLOCK = 1024
+    _segment_lanes[(-(-S // BLOCK), NZ, R)](evict, slot, lanes, S, NL, NZ, SEGB * BMQ, topk, window, BLOCK=BLOCK)
+    nc = max(1, R * (NZ - 1) * NL)
+    ck = torch.empty(nc, D, dtype=torch.float32, device=dev)
+    cv = torch.empty(nc, Dv, dtype=torch.float32, device=dev)
+    cu = torch.empty(nc, dtype=torch.float64, device=dev)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    _bwd_slot_sweep[(NT * NZ, Hkv, B)](
+        q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lanes, dk, dv, du, ck, cv, cu, *strides,
+        S, NL, NZ, SEGB, Hq, Hkv, window, scale, BS=BS,
+        **dict(meta, num_warps=SWEEP_WARPS, num_stages=SWEEP_STAGES))
+    if NZ > 1:
+        _add_carries[(NT, Hkv, B)](lanes, dk, dv, du, ck, cv, cu, S, NL, NZ, Hkv,
+                                    D=meta["D"], DV_=meta["DV_"], BD=meta["BD"], BDV=meta["BDV"],
+                                    BS=BS)
