@@ -1,5 +1,6 @@
-"""The slot sweep (kernels/slots.py) alone on the GPU: time per launch config, registers and
-spills, at the standard workload. Diagnostics for tuning, not a regression benchmark.
+"""The slot sweeps (kernels/slots.py: entry blocks, later blocks, parked sums) alone on the GPU:
+time per launch config (rows:slots:warps:stages), registers and spills of the main sweep, at the
+standard workload. Diagnostics for tuning, not a regression benchmark.
 
     PYTHONPATH=$PWD python3 bench/gpu_slots.py [--S 32768] [--Hkv 16] [--slope 0] --out $OUT
 """

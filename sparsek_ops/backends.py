@@ -63,8 +63,8 @@ register(Backend("torch", cpu.forward, cpu.backward, None,
 
 
 def _register_triton() -> None:
-    """Backend "triton": the Triton forward and backward (sparsek_ops/kernels; the backward is
-    deterministic when torch.are_deterministic_algorithms_enabled(), else it uses atomics).
+    """Backend "triton": the Triton forward and backward (sparsek_ops/kernels; the backward has
+    no atomics, so it is deterministic).
     CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set before import."""
     try:
         from .kernels import backward as triton_backward

@@ -3,9 +3,9 @@
 ``selection.py``: the selection on the GPU (tau, eviction indices, gather lists of every query
 block; the same results as ``sparsek_ops/selection.py``, with no host synchronisation).
 ``forward.py``: the forward (gather list, then window span, one online softmax).
-``backward.py``: the backward (dq and the score gradient per query block; dk, dv per key block,
-with relaxed atomics for the selected pairs unless deterministic algorithms are enabled; then
-the selected pairs are swept in groups of similar query ranges).
+``backward.py``: the backward (dq and the score gradient per query block; the window keys' dk,
+dv per key block), with ``slots.py``: the selected pairs' dk, dv and du swept by slots (DESIGN
+fact 6). No atomics: repeated runs are bitwise identical.
 ``common.py``: the Triton math both share (tile layout, masks, weights).
 
 Run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``

@@ -16,12 +16,11 @@ one KV head, so the keys a block gathers serve the whole group). Kernels, none w
 * ``_bwd_query_block``, one program per (query block, KV head, batch): recomputes the block's
   gather list (selected pairs) and window span, accumulates dq, and writes ``sum_j g_ij`` of every
   tile row (the numerator of c_i; each query row belongs to exactly one program).
-* ``_bwd_key_block``, one program per (block of BN consecutive keys, KV head, batch),
-  FlashAttention-2 style: sweeps the query blocks that attend to its keys and accumulates their
-  dk, dv (and du's first term) in registers. It does the window pairs (key j is in the windows
-  of the queries ``j .. j + window - 1``) and, with ENTRY, each selected pair's first query block
-  (pair j is selected by the queries ``j + window <= i < evict[j]``, fact 2).
-* ``slots.py`` then adds the selected pairs' later query blocks, slot by slot (fact 6).
+* ``_bwd_window_keys``, one program per (block of BN consecutive keys, KV head, batch),
+  FlashAttention-2 style: sweeps the query blocks whose windows hold its keys (key j is in the
+  windows of the queries ``j .. j + window - 1``) and accumulates their dk, dv in registers.
+* ``slots.py`` adds the selected pairs' dk, dv and du's first term: each pair's first query
+  block over consecutive positions, the later ones slot by slot (fact 6).
 
 So every sum has a fixed order and repeated runs are bitwise identical, with or without
 ``torch.use_deterministic_algorithms``. (Relaxed atomics from the query kernel were 2.4x slower
@@ -142,21 +141,17 @@ def _bwd_query_block(
 
 
 @triton.jit
-def _bwd_key_block(
-    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, DK, DV, DU,
+def _bwd_window_keys(
+    Q, K, V, DO, LSE, SHIFT, DK, DV,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     S, Hq, Hkv, window, scale,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
-    ENTRY: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dk, dv of BN consecutive keys from the window queries ``j .. j + window - 1`` (WINDOW) and,
-    with ENTRY, from the selecting queries ``j + window .. evict[j] - 1`` that lie in the query
-    block of BMQ queries where pair j enters (then also du's first term; ``slots.py`` adds the
-    later blocks). Writes DK [R, S, D], DV [R, S, DV] (their pointer's dtype) and, with ENTRY,
-    DU [R, S] float64, or adds to them with ACCUMULATE; each key belongs to one program, so
-    plain stores. (One launch per part: the selected part's per-score work slowed the window
-    sweep 5x when both ran in one loop.)"""
+    """dk, dv of BN consecutive keys from their window queries ``j .. j + window - 1``: writes
+    DK [R, S, D], DV [R, S, DV] (their pointer's dtype); each key belongs to one program, so
+    plain stores. (The selected pairs' parts are slots.py's: with their per-score work in this
+    loop, the window sweep ran 5x slower.)"""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -173,68 +168,33 @@ def _bwd_key_block(
                 mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
-    du = tl.zeros([BN], tl.float64)
-    # Queries that use these keys: the window queries j .. j + window - 1 of every key, ...
-    q_lo = pid_n * BN
     q_hi = tl.minimum(tl.minimum(pid_n * BN + BN, S) - 1 + window, S)
-    if not WINDOW:
-        q_lo = pid_n * BN + window
-    if ENTRY:
-        uj = tl.load(U + r64 * S + jc64, mask=valid, other=0.0)  # float64
-        ev = tl.load(EVICT + r64 * S + jc64, mask=valid, other=0)  # clamped to S by the caller
-        # ... and the selecting queries in the block each pair enters in, up to its end.
-        ev = tl.minimum(ev, ((j + window) // BMQ + 1) * BMQ)
-        q_hi = tl.maximum(q_hi, tl.max(tl.where(valid, ev, 0), 0))
-    for qb in range(q_lo // BMQ, tl.cdiv(q_hi, BMQ)):
-        qs = qb * BMQ
-        qe = qs + BMQ
-        # Does any key of this block meet a query of [qs, qe)?
-        used = valid & (j < qe) & (j + window > qs) & WINDOW
-        if ENTRY:
-            used = used | (valid & (j + window < qe) & (ev > qs) & (ev > j + window))
-        if tl.max(used.to(tl.int32), 0) > 0:
-            qi, g, real = tile_rows(qb, S, BM, G)
-            q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
-                                        sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            att = in_window(j, valid, qi, window) & real[:, None] & WINDOW
-            if ENTRY:
-                tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
-                sel = selected(j, valid, ev, qi, window) & real[:, None]
-                # The query block's own shift, as the query-block kernel (and forward) use.
-                shift_b = block_shift(TAU + r64 * S, qb, S, BMQ)
-                # Window pairs (and pairs not attended, masked below) have weight 1.
-                p = tl.where(sel, pair_weights(uj, tau, shift_b), 1.0)
-                att = att | sel
-            else:
-                p = 1.0
-            a = tl.where(att, tl.exp(qk * p - lse[:, None]), 0.0)
-            ds = tl.where(att, a * (dp * p + sh[:, None]), 0.0)
-            dv += tl.dot(tl.trans((a * p).to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans((ds * p).to(q.dtype)), q, input_precision=PRECISION)
-            if ENTRY:
-                gm = tl.where(sel & in_ranges(qi, FRAC, r64 * S + jc64, valid), a * dp + qk * ds, 0.0).to(tl.float64)
-                du += tl.sum(gm, 0)
-    dk = dk * scale
-    pk = DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :]
-    mk = valid[:, None] & (offs_d[None, :] < D)
-    pv = DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :]
-    mv = valid[:, None] & (offs_dv[None, :] < DV_)
-    if ACCUMULATE:
-        dk += tl.load(pk, mask=mk, other=0.0)
-        dv += tl.load(pv, mask=mv, other=0.0)
-    tl.store(pk, dk.to(DK.dtype.element_ty), mask=mk)
-    tl.store(pv, dv.to(DV.dtype.element_ty), mask=mv)
-    if ENTRY:
-        tl.store(DU + r64 * S + jc64, du, mask=valid)
+    for qb in range(pid_n * BN // BMQ, tl.cdiv(q_hi, BMQ)):
+        qi, g, real = tile_rows(qb, S, BM, G)
+        q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+                                   sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        att = in_window(j, valid, qi, window) & real[:, None]
+        a = tl.where(att, tl.exp(qk - lse[:, None]), 0.0)
+        ds = tl.where(att, a * (dp + sh[:, None]), 0.0)
+        dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=valid[:, None] & (offs_d[None, :] < D))
+    tl.store(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV_))
 
 
 def _tiles(BD: int, BDV: int) -> tuple[int, int, int]:
-    """(requested tile rows, keys per tile, pipeline stages) for padded head dims BD, BDV: 64, 64
-    and 2 up to 128; 32, 32 and 1 above, so that the q, do, k, v tiles and the key kernel's dk, dv
-    accumulators stay within registers and shared memory."""
+    """(requested tile rows, keys per tile, pipeline stages) of the window and slot sweeps for
+    padded head dims BD, BDV: 64, 64 and 2 up to 128; 32, 32 and 1 above, so that the q, do, k, v
+    tiles and the dk, dv accumulators stay within registers and shared memory."""
     return (64, 64, 2) if max(BD, BDV) <= 128 else (32, 32, 1)
+
+
+# The query kernel's (rows, keys, warps, stages) for head dims up to 128 (bench/gpu_backward_configs.py).
+QUERY_TILES = (64, 64, 4, 2)
 
 
 def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, u: Tensor,
@@ -264,8 +224,11 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     bm, BN, stages = _tiles(BD, BDV)
     BM = rows_per_tile(bm if block_m is None else max(16, block_m), G)
-    BMQ = queries_per_block(BM, G)
-    NBQ = -(-S // BMQ)
+    # The query kernel has its own blocks (and gather lists); block_m sets both.
+    qm, QN, q_warps, q_stages = QUERY_TILES if max(BD, BDV) <= 128 else (bm, BN, 4, stages)
+    QM = rows_per_tile(qm if block_m is None else max(16, block_m), G)
+    QMQ = queries_per_block(QM, G)
+    NBQ = -(-S // QMQ)
     has_sel, has_win = topk > 0, window > 0
 
     # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
@@ -277,7 +240,7 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
 
     if has_sel:
-        sel = select_for(u, topk, window, BMQ, fractional=False)
+        sel = select_for(u, topk, window, QMQ, fractional=False)
         tau = sel.tau.contiguous()
         # F_i by ranges of queries per pair: one source for the kernels' tests and for |F_i|.
         f_lo, f_hi = fractional_ranges(tau, u64, window)
@@ -294,28 +257,27 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     crow = torch.empty(R, S, G, dtype=torch.float64, device=dev) if has_sel else torch.zeros(1, dtype=torch.float64, device=dev)
-    # The first key sweep writes every key; with selected pairs the entry sweep and the slot
-    # sweep add to them after, so float32 buffers, cast at the end.
-    dk = torch.empty(R, S, D, dtype=torch.float32 if has_sel else k.dtype, device=dev)
-    dv = torch.empty(R, S, Dv, dtype=torch.float32 if has_sel else v.dtype, device=dev)
-    du = (torch.empty if has_sel else torch.zeros)(R, S, dtype=torch.float64, device=dev)
+    # The window sweep writes every key; the slot sweeps add the selected pairs' parts to them
+    # after (float32 buffers then, cast at the end).
+    alloc = torch.empty if has_win else torch.zeros
+    dk = alloc(R, S, D, dtype=torch.float32 if has_sel else k.dtype, device=dev)
+    dv = alloc(R, S, Dv, dtype=torch.float32 if has_sel else v.dtype, device=dev)
+    du = torch.zeros(R, S, dtype=torch.float64, device=dev)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if has_win:
-            _bwd_key_block[(-(-S // BN), Hkv, B)](
-                q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, dk, dv, du, *strides,
-                S, Hq, Hkv, window, scale, WINDOW=True, ENTRY=False, ACCUMULATE=False, BN=BN, **meta)
+            _bwd_window_keys[(-(-S // BN), Hkv, B)](
+                q, k, v, grad_out, lse32, shift, dk, dv, *strides,
+                S, Hq, Hkv, window, scale, BN=BN, **meta)
         if has_sel:
-            _bwd_key_block[(-(-S // BN), Hkv, B)](
-                q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, dk, dv, du, *strides,
-                S, Hq, Hkv, window, scale, WINDOW=False, ENTRY=True, ACCUMULATE=has_win, BN=BN, **meta)
             add_selected_grads(q, k, v, grad_out, lse32, shift, u64, tau, evict.view(R, S), frac, dk, dv, du,
                                topk, window, scale, meta, n_segments)
         _bwd_query_block[(NBQ, Hkv, B)](
             q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lists, counts, dq, crow, *strides,
-            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win, BN=BN, **meta)
+            S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win,
+            **dict(meta, BM=QM, BN=QN, num_warps=q_warps, num_stages=q_stages))
     if has_sel:
         c = crow.sum(-1) / range_counts(f_lo, f_hi).clamp_min(1)
         du = du - _fractional_share(c, f_lo, f_hi)

@@ -4,29 +4,32 @@ section 3, fact 6.
 Once the first ``NL = min(topk, S - window)`` candidates have entered, the top-k set has NL
 members at every query, and it changes only when a newcomer evicts a member (fact 2): at query
 ``i = evict[l]`` pair ``l`` leaves and the newcomer ``i - window`` takes its place. So the
-selected pairs form NL *chains*: slot s starts with pair s (the candidates of the fill phase all
-enter) and the successor of pair l is ``evict[l] - window`` until a pair stays to the end
-(``evict >= S``). The pairs of one chain use consecutive, disjoint query ranges
+selected pairs form NL *chains*: each starts with a pair of the fill phase (the first NL
+candidates all enter) and the successor of pair l is ``evict[l] - window``, until a pair stays
+to the end (``evict >= S``). The pairs of one chain use consecutive, disjoint query ranges
 ``[j + window, evict[j])``; every selected pair is in exactly one chain.
 
 * ``slot_of`` numbers the chains by pointer jumping along the successors (each chain ends in a
   distinct pair that stays to the end; log2 S rounds of one gather, no host sync).
-* ``_segment_lanes`` writes, for each segment of the queries (and each slot), the pair that
-  occupies the slot at the segment's first query (or, in the fill phase, the pair that will).
-* ``_bwd_slot_sweep``, one program per (tile of BS slots, segment, KV head, batch), sweeps the
-  segment's query blocks in order with one key per slot, FlashAttention-2 style: dk, dv and
-  du's first term accumulate in registers, and when a slot's pair is evicted within the block
-  its sums are added to its rows (a plain read-add-write: a pair lives in one slot, and it is
-  evicted in one segment) and the newcomer's key and value are loaded in its place. A newcomer
-  that starts within the block is swept over the block again (only the changed slots count).
-  At the end of a segment, the sums of the pairs still in their slots are parked, per slot.
+* ``_segment_lanes`` writes, for each segment of the query blocks and each slot, the pair that
+  holds the slot at the segment's first query (or, in the fill phase, the pair that will).
+* ``_bwd_slot_sweep`` with ENTRY, one program per (BS consecutive positions, KV head, batch):
+  each pair's part from the query block it enters in (from its entry query on).
+* ``_bwd_slot_sweep``, one program per (tile of BS slots, segment, KV head, batch): the later
+  blocks. It sweeps the segment's query blocks in order with one pair per slot, FlashAttention
+  key-side style (the slot's key and value stay in registers; q and do stream), with dk, dv and
+  du's first term accumulated in registers. A slot changes pairs only between blocks: when its
+  pair has been evicted, the pair's sums are added to its rows (a plain read-add-write: a pair
+  lives in one slot and is evicted in one segment) and the slot moves along its chain to the
+  pair that holds it at the next block. At the end of a segment, the sums of the pairs still in
+  their slots are parked, per slot.
 * ``_add_carries``, one program per (tile of slots, KV head, batch), adds the parked sums to
   their pairs, segment after segment; a pair never changes slots, so no two programs meet.
 
-No atomics and a fixed order of every sum: repeated runs are bitwise identical. The work is
-the selected part of the backward (about 4 dots of BM x BS x D per query block and slot tile),
-plus one more sweep of a block for each slot that changes within it (rare for long-lived
-pairs; about one per query for scores with a strong recency slope).
+No atomics and a fixed order of every sum: repeated runs are bitwise identical. Tiles are
+transposed (slots x query rows): the dk, dv dots take them as they are, and per-slot values
+cost few registers. Wider tiles (64 slots, or 8 warps) spilled registers on the H100 and ran
+2-3x slower (bench/gpu_slots.py, bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -135,11 +138,11 @@ def _bwd_slot_sweep(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     S, NL, NZ, SEGB, Hq, Hkv, window, scale,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr, ENTRY: tl.constexpr,
 ):
     """Adds the selected pairs' dk (times scale), dv and du's first term from the query blocks
-    *after* the block each pair enters in (the entry block is the key-block kernel's, ENTRY)
-    into DK [R, S, D], DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted
+    *after* the block each pair enters in (ENTRY: from that block alone; then the lanes are BS
+    consecutive positions, one segment, and every pair is flushed at the end) into DK [R, S, D], DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted
     within the segment, and parks the sums of the pairs still in their slots at its end in
     CK [R, NZ-1, NL, D], CV [R, NZ-1, NL, DV], CU [R, NZ-1, NL] (segments but the last).
 
@@ -159,7 +162,10 @@ def _bwd_slot_sweep(
     lane_ok = lane < NL
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    cur = tl.load(LANES + (r64 * NZ + z) * NL + lane, mask=lane_ok, other=-1)
+    if ENTRY:
+        cur = tl.where(lane < S, lane, -1)
+    else:
+        cur = tl.load(LANES + (r64 * NZ + z) * NL + lane, mask=lane_ok, other=-1)
     # Per slot: its pair's key and value (kept across blocks: reloaded only when the slot
     # changes, so the loop streams q and do alone, as FlashAttention's key-side loop),
     # eviction, score and fractional range.
@@ -168,14 +174,19 @@ def _bwd_slot_sweep(
     acc_k = tl.zeros([BS, BD], tl.float32)
     acc_v = tl.zeros([BS, BDV], tl.float32)
     acc_u = tl.zeros([BS], tl.float64)
-    qb1 = tl.minimum(z * SEGB + SEGB, tl.cdiv(S, BMQ))
-    # Blocks before any slot's pair has entered have nothing to do.
-    first = tl.min(tl.where(cur >= 0, cur + window, S), 0) // BMQ + 1
-    for qb in range(tl.maximum(z * SEGB, first), qb1):
+    if ENTRY:
+        cur = tl.where(ev > cur + window, cur, -1)  # pairs ever selected
+        qb0 = (t * BS + window) // BMQ
+        qb1 = tl.minimum((t * BS + BS - 1 + window) // BMQ + 1, tl.cdiv(S, BMQ))
+    else:
+        # Blocks before any slot's pair has entered have nothing to do.
+        qb0 = tl.maximum(z * SEGB, tl.min(tl.where(cur >= 0, cur + window, S), 0) // BMQ + 1)
+        qb1 = tl.minimum(z * SEGB + SEGB, tl.cdiv(S, BMQ))
+    for qb in range(qb0, qb1):
         qs = qb * BMQ
         # Pairs evicted by qs are complete: flush them, then follow each slot's chain to the
         # pair that holds it at qs (pairs entering and leaving within one block have no part here).
-        ended = (cur >= 0) & (ev <= qs)
+        ended = (cur >= 0) & (ev <= qs) & (not ENTRY)
         if tl.max(ended.to(tl.int32), 0) > 0:
             _flush(DK, DV, DU, r64 * S + tl.maximum(cur, 0).to(tl.int64), ended, acc_k, acc_v, acc_u, scale,
                    D, DV_, BD, BDV)
@@ -199,7 +210,10 @@ def _bwd_slot_sweep(
             f1 = tl.where(changed, f1n, f1)
         # Slots whose pair entered before this block (its entry block is ENTRY's); every row is
         # past the entry (j + window < qs <= i), so only the eviction cuts.
-        use = (cur >= 0) & (cur + window < qs)
+        if ENTRY:  # the pairs entering in this block, from their entry on
+            use = (cur >= 0) & ((cur + window) // BMQ == qb)
+        else:
+            use = (cur >= 0) & (cur + window < qs)
         qi, g, real = tile_rows(qb, S, BM, G)
         q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
                                    sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
@@ -207,6 +221,8 @@ def _bwd_slot_sweep(
         # per-row values cost many registers in this layout: tau as one float32 vector
         tau_s = (tl.load(TAU + r64 * S + tl.minimum(qi, S - 1)) - shift_b).to(tl.float32)
         selT = use[:, None] & (qi[None, :] < ev[:, None]) & real[None, :]
+        if ENTRY:
+            selT = selT & (qi[None, :] >= cur[:, None] + window)
         pT = tl.where(selT, clip01((uj - shift_b).to(tl.float32)[:, None] - tau_s[None, :]), 0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -221,10 +237,10 @@ def _bwd_slot_sweep(
         acc_u += tl.sum(tl.where(frT, aT * (dpT + qkT * tT), 0.0), 1).to(tl.float64)
     # Segment end: pairs evicted by its end are complete, the others' sums are parked.
     zb = tl.minimum(qb1 * BMQ, S)
-    ended = (cur >= 0) & (ev <= zb)
+    ended = (cur >= 0) & ((ev <= zb) | ENTRY)
     _flush(DK, DV, DU, r64 * S + tl.maximum(cur, 0).to(tl.int64), ended, acc_k, acc_v, acc_u, scale,
            D, DV_, BD, BDV)
-    if z < NZ - 1:
+    if not ENTRY and z < NZ - 1:
         c64 = r64 * (NZ - 1) + z
         rows = (c64 * NL + lane).to(tl.int64)
         keep = lane_ok & ~ended
@@ -277,6 +293,9 @@ def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32:
     slot, NL = slot_of(evict, topk, window)
     if NL == 0:
         return
+    dev = q.device
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    none = torch.zeros(1, dtype=torch.int32, device=dev)
     BM, G = meta["BM"], meta["G"]
     BS = SLOTS_PER_TILE if max(meta["BD"], meta["BDV"]) <= 128 else 16
     BMQ = BM // G
@@ -284,7 +303,11 @@ def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32:
     SEGB = segments(NL, R, NBQ, BS, q.device, n_segments)
     NZ = -(-NBQ // SEGB)
     NT = -(-NL // BS)
-    dev = q.device
+    launch = dict(meta, BS=BS, num_warps=SWEEP_WARPS, num_stages=SWEEP_STAGES)
+    # Each pair's entry block, over consecutive positions (no slots needed there).
+    _bwd_slot_sweep[(-(-S // BS), Hkv, B)](
+        q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, none, dk, dv, du, dk, dv, du, *strides,
+        S, S, 1, NBQ, Hq, Hkv, window, scale, ENTRY=True, **launch)
     lanes = torch.full((R, NZ, NL), -1, dtype=torch.int32, device=dev)
     BLOCK = 1024
     _segment_lanes[(-(-S // BLOCK), NZ, R)](evict, slot, lanes, S, NL, NZ, SEGB * BMQ, topk, window, BLOCK=BLOCK)
@@ -292,11 +315,9 @@ def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32:
     ck = torch.empty(nc, D, dtype=torch.float32, device=dev)
     cv = torch.empty(nc, Dv, dtype=torch.float32, device=dev)
     cu = torch.empty(nc, dtype=torch.float64, device=dev)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     _bwd_slot_sweep[(NT * NZ, Hkv, B)](
         q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lanes, dk, dv, du, ck, cv, cu, *strides,
-        S, NL, NZ, SEGB, Hq, Hkv, window, scale, BS=BS,
-        **dict(meta, num_warps=SWEEP_WARPS, num_stages=SWEEP_STAGES))
+        S, NL, NZ, SEGB, Hq, Hkv, window, scale, ENTRY=False, **launch)
     if NZ > 1:
         _add_carries[(NT, Hkv, B)](lanes, dk, dv, du, ck, cv, cu, S, NL, NZ, Hkv,
                                     D=meta["D"], DV_=meta["DV_"], BD=meta["BD"], BDV=meta["BDV"],

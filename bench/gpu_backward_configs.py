@@ -1,0 +1,49 @@
+"""Launch configs of the backward's query kernel (kernels/backward.py, QUERY_TILES) on the GPU:
+CUDA ms of ``_bwd_query_block`` and of the whole forward+backward step, per config, at the
+standard workload (bf16, Hq 16, D 128, B * S = 32K, topk = window = 1024).
+
+    PYTHONPATH=$PWD python3 bench/gpu_backward_configs.py [--S 32768] [--Hkv 16] --out $OUT
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+import sparsek_ops
+from sparsek_ops.kernels import backward
+from profile_step import kernel_times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, default=32768)
+    ap.add_argument("--Hkv", type=int, default=16)
+    ap.add_argument("--configs", default="64:64:4:2,64:32:4:2,128:64:8:2,128:32:8:2,64:64:4:3,128:64:8:3,32:64:4:2")
+    ap.add_argument("--out", default=".")
+    a = ap.parse_args()
+    S, Hq, D = a.S, 16, 128
+    B = max(1, 32768 // S)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (Hq, a.Hkv, a.Hkv))
+    u = torch.randn(B, a.Hkv, S, device="cuda", generator=g).requires_grad_()
+    do = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def step():
+        sparsek_ops.sparsek_attention(q, k, v, u, topk=1024, window=1024, backend="triton").backward(do)
+
+    rows = []
+    for cfg in a.configs.split(","):
+        backward.QUERY_TILES = tuple(int(x) for x in cfg.split(":"))
+        times = kernel_times(step)
+        query = sum(ms for ms, _, name in times if "_bwd_query_block" in name)
+        rows.append(dict(config=cfg, query_ms=round(query, 3), step_ms=round(sum(t[0] for t in times), 3)))
+        print(rows[-1], flush=True)
+    with open(os.path.join(a.out, f"gpu_backward_configs_{S}_{a.Hkv}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
