@@ -56,8 +56,8 @@ from ..cpu import _fractional_share
 from ..selection import fractional_ranges, range_counts
 from .selection import select_for
 from .slots import add_selected_grads
-from .common import (block_shift, in_ranges, in_window, load_rows, pair_weights, queries_per_block,
-                     rows_per_tile, selected, tile_rows)
+from .common import (block_shift32, in_interval, in_window, key_intervals, load_rows, queries_per_block,
+                     rows_per_tile, tile_rows, weights32)
 
 
 @triton.jit
@@ -84,9 +84,16 @@ def _bwd_query_block(
     kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     vbase = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     dq = tl.zeros([BM, BD], tl.float32)
+    # Base-2 exponent as the forward: q scaled once by scale * log2(e) (rounded to the input
+    # dtype, as the forward's lse saw it), lse in base 2; qk2 * LN2 is scale * q.k again.
+    q2 = (q * (scale * 1.4426950408889634)).to(q.dtype)
+    lse2 = lse * 1.4426950408889634
     if HAS_SEL:
         tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
-        shift_b = block_shift(TAU + r64 * S, pid_m, S, BMQ)
+        # Scores and thresholds shifted by one float32-exact block constant (common.block_shift32):
+        # float64 once per row and key, float32 per score.
+        shift32 = block_shift32(TAU + r64 * S, pid_m, S, BMQ)
+        tau_s = (tau - shift32.to(tl.float64)).to(tl.float32)
         c_acc = tl.zeros([BM], tl.float64)
         # Gather lists are compact (padding at the end): walk only the block's COUNTS [R, NBQ] pairs.
         n_sel = tl.load(COUNTS + r64 * NBQ + pid_m)
@@ -100,21 +107,23 @@ def _bwd_query_block(
                          mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
             vj = tl.load(vbase + jc64[:, None] * svs + offs_dv[None, :] * svd,
                          mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
-            uj = tl.load(U + r64 * S + jc64, mask=valid, other=0.0)  # float64
-            ev = tl.load(EVICT + r64 * S + jc64, mask=valid, other=0)
-            sel = selected(jc, valid, ev, qi, window) & real[:, None]
-            # p is 0 off the selection (so a * p and ds * p vanish there even for a poisoned row,
-            # whose weights are NaN); NaN only where a poisoned query really selects the pair.
-            p = tl.where(sel, pair_weights(uj, tau, shift_b), 0.0)
-            qk = tl.dot(q, tl.trans(kj), input_precision=PRECISION) * scale
+            u_s = (tl.load(U + r64 * S + jc64, mask=valid, other=0.0) - shift32.to(tl.float64)).to(tl.float32)
+            lo, n = key_intervals(jc, valid, tl.load(EVICT + r64 * S + jc64, mask=valid, other=0), window)
+            sel = in_interval(qi, lo, n) & real[:, None]
+            f0 = tl.load(FRAC + (r64 * S + jc64) * 2, mask=valid, other=0)
+            f1 = tl.load(FRAC + (r64 * S + jc64) * 2 + 1, mask=valid, other=0)
+            # p is 0 off the selection, so a * p and ds * p vanish there (a poisoned row's lse
+            # and shift are NaN: its a and ds are NaN exactly where it selects).
+            p = tl.where(sel, weights32(u_s, tau_s), 0.0)
+            qk2 = tl.dot(q2, tl.trans(kj), input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
-            a = tl.where(sel, tl.exp(qk * p - lse[:, None]), 0.0)
+            a = tl.where(sel, tl.exp2(qk2 * p - lse2[:, None]), 0.0)
             ds = tl.where(sel, a * (dp * p + sh[:, None]), 0.0)
-            dsp = ds * p
-            dq += tl.dot(dsp.to(kj.dtype), kj, input_precision=PRECISION)
-            # dL/dp on T_i ∩ F_i only: F by the ranges |F_i| is counted from (FRAC).
-            gm = tl.where(sel & in_ranges(qi, FRAC, r64 * S + jc64, valid), a * dp + qk * ds, 0.0).to(tl.float64)
-            c_acc += tl.sum(gm, 1)
+            dq += tl.dot((ds * p).to(kj.dtype), kj, input_precision=PRECISION)
+            # dL/dp on T_i ∩ F_i only (F by the ranges |F_i| is counted from, FRAC); float32 over
+            # the tile, float64 across tiles.
+            frac = sel & in_interval(qi, f0, tl.where(valid, f1 - f0, 0))
+            c_acc += tl.sum(tl.where(frac, a * dp + (qk2 * 0.6931471805599453) * ds, 0.0), 1).to(tl.float64)
         tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
     if HAS_WIN:
         # Window span of the block: positions i0 - window + 1 .. i0 + BMQ - 1 (inside [0, S)).
@@ -129,9 +138,9 @@ def _bwd_query_block(
             vj = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd,
                          mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
             win = in_window(pos, valid, qi, window) & real[:, None]
-            qk = tl.dot(q, tl.trans(kj), input_precision=PRECISION) * scale
+            qk2 = tl.dot(q2, tl.trans(kj), input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
-            a = tl.where(win, tl.exp(qk - lse[:, None]), 0.0)
+            a = tl.where(win, tl.exp2(qk2 - lse2[:, None]), 0.0)
             ds = tl.where(win, a * (dp + sh[:, None]), 0.0)
             dq += tl.dot(ds.to(kj.dtype), kj, input_precision=PRECISION)
     hq = (h * G + g).to(tl.int64)
