@@ -60,47 +60,9 @@ def clip01(x):
 
 
 @triton.jit
-def selected(j, real_j, evict_j, qi, window):
-    """[BM, BN] mask: pair j is selected by query qi iff ``j + window <= qi < evict[j]``
-    (selection.eviction)."""
-    return real_j[None, :] & (j[None, :] + window <= qi[:, None]) & (qi[:, None] < evict_j[None, :])
-
-
-@triton.jit
 def in_window(pos, real_pos, qi, window):
     """[BM, BN] mask: position pos is in the window of query qi, ``qi - window < pos <= qi``."""
     return real_pos[None, :] & (pos[None, :] <= qi[:, None]) & (pos[None, :] > qi[:, None] - window)
-
-
-@triton.jit
-def softmax_step(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
-    """One step of the online softmax over a tile of logits s [BM, BN] (-inf: not attended):
-    the running max m_i, sum l_i and output acc, with the weights multiplied by w (p, or 1)
-    before they meet the values v [BN, DV]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    e = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(e, 1)
-    acc = acc * alpha[:, None] + tl.dot((e * w).to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def pair_weights(u_j, tau_i, shift):
-    """[BM, BN] float32 weights ``clip(u_j - tau_i, 0, 1)`` from float64 scores u_j [BN] and
-    thresholds tau_i [BM], both shifted by the block constant (block_shift) first. tau = -inf
-    (every candidate kept) gives 1."""
-    u_s = (u_j - shift).to(tl.float32)
-    tau_s = (tau_i - shift).to(tl.float32)
-    return clip01(u_s[None, :] - tau_s[:, None])
-
-
-@triton.jit
-def fractional(u_j, tau_i):
-    """[BM, BN] ``tau_i < u_j < tau_i + 1`` in float64: the very test of
-    ``selection.prefix_fractional_counts``, so |F_i| and the pairs in F_i always agree."""
-    return (u_j[None, :] > tau_i[:, None]) & (u_j[None, :] < tau_i[:, None] + 1.0)
 
 
 @triton.jit
@@ -124,16 +86,7 @@ def load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
     return q, do, lse, sh
 
 
-@triton.jit
-def in_ranges(qi, FRAC, row, real_j):
-    """[BM, BN] ``j in F_i``: ``FRAC[row, 0] <= qi < FRAC[row, 1]`` (FRAC [R, S, 2] int32 from
-    ``selection.fractional_ranges``; row [BN] int64 = ``r * S + j``)."""
-    f0 = tl.load(FRAC + row * 2, mask=real_j, other=0)
-    f1 = tl.load(FRAC + row * 2 + 1, mask=real_j, other=0)
-    return (qi[:, None] >= f0[None, :]) & (qi[:, None] < f1[None, :])
-
-
-# ------------------------------------------------------------------ added for the GQA forward
+# ------------------------------------------------------------------ float32 weights, interval masks, softmax steps
 @triton.jit
 def block_shift32(TAU_ROW, pid_m, S, BMQ: tl.constexpr):
     """``block_shift`` rounded to a float32 value. Scores near a float32 shift subtract from it
@@ -162,16 +115,16 @@ def weights32(u_s, tau_s):
 @triton.jit
 def key_intervals(j, real_j, evict_j, window):
     """Per key [BN]: pair j is selected by the queries ``lo <= i < lo + n`` (int32;
-    ``lo = j + window``, ``n = evict[j] - lo``; n = 0 for padding slots): ``selected`` as an
-    interval, for ``in_interval`` and ``covers_block``."""
+    ``lo = j + window``, ``n = evict[j] - lo``; n = 0 for padding slots; ``selection.eviction``),
+    for ``in_interval`` and ``covers_block``."""
     lo = j + window
     return lo, tl.where(real_j, evict_j - lo, 0)
 
 
 @triton.jit
 def in_interval(qi, lo, n):
-    """[BM, BN] ``lo_j <= qi < lo_j + n_j`` in one unsigned compare per element (the two signed
-    compares of ``selected`` become two selects each on the GPU)."""
+    """[BM, BN] ``lo_j <= qi < lo_j + n_j`` in one unsigned compare per element (two signed
+    compares become two selects each on the GPU)."""
     return (qi[:, None] - lo[None, :]).to(tl.uint32, bitcast=True) < n[None, :].to(tl.uint32, bitcast=True)
 
 
@@ -218,9 +171,10 @@ def window_parts(i0, BMQ: tl.constexpr, S, window, BN: tl.constexpr):
 
 @triton.jit
 def softmax_step_exp2(m_i, l_i, acc, s, w, v, PRECISION: tl.constexpr):
-    """``softmax_step`` for logits in base 2 (s = log2(e) * scale * p * q.k; the caller folds
-    log2(e) into q): the same running max m_i, sum l_i and output acc, with exp2 (one
-    instruction on the GPU) and the rescaled acc as the dot's accumulator."""
+    """One step of the online softmax over a tile of base-2 logits s [BM, BN] (s = log2(e) *
+    scale * p * q.k, the caller folds log2(e) into q; -inf: not attended): the running max m_i,
+    sum l_i and output acc, with the weights multiplied by w (p, or 1) before they meet the values
+    v [BN, DV]; exp2 is one instruction on the GPU, and the rescaled acc is the dot's accumulator."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)

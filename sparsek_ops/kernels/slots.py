@@ -285,8 +285,10 @@ def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32:
     """Adds the selected pairs' dk, dv and du's first term into dk [R, S, D], dv [R, S, DV]
     (float32) and du [R, S] (float64), in place. q [B, Hq, S, D], k, v, grad_out as the
     backward's (any strides); lse32, shift [B, Hq, S] float32; u64, tau [R, S] float64; evict
-    [R, S] int32 clamped to S; frac [R, S, 2] int32, the ranges of ``fractional_ranges``. ``meta``: the backward's tile constants (G, D, DV_, BD, BDV, BM,
-    PRECISION, num_stages). ``n_segments`` forces the number of query segments (tests)."""
+    [R, S] int32 clamped to S; frac [R, S, 2] int32, the ranges of ``fractional_ranges``.
+    ``meta``: the backward's tile constants (G, D, DV_, BD, BDV, BM, PRECISION); BM // G is the
+    query block that decides a pair's entry block. ``n_segments`` forces the number of query
+    segments (tests)."""
     B, Hq, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     R = B * Hkv
