@@ -1,0 +1,111 @@
+"""``SparseKAttention``: the layer users drop into a model (DESIGN.md section 1).
+
+x [B, S, d_model] -> q, k, v projections (GQA: n_kv_heads <= n_heads), rotary position
+embedding on q and k, one importance score per KV head and position from the scoring network,
+``sparsek_attention`` (each query: its ``topk`` best-scored earlier pairs plus a sliding window of
+``window`` recent ones, one softmax), output projection -> [B, S, d_model].
+
+Scoring network: ``u = x @ w_score + b_score + slope * position`` (float32, one score per KV
+head). A fresh layer has ``w_score = 0``, ``b_score = 0`` and ``slope = SLOPE_INIT`` > 0, so later
+positions score higher and the top-k are the most recent candidates: the layer starts as sliding
+window attention over ``topk + window`` positions and learns away from it through the score
+gradient (pairs within 1 / slope of the threshold are fractional, so u gets gradient from the
+first step on; a slope of 1 or more would make every weight 0 or 1 and the gradient vanish).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import selection
+from .api import sparsek_attention
+
+SLOPE_INIT = 0.25  # score gap between neighbours at init: about 4 fractional pairs per query
+
+
+def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding of x [B, H, S, hd] (hd even), position = index along S, in the
+    dtype of x (angles in float32)."""
+    S, hd = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+class SparseKAttention(nn.Module):
+    """SPARSEK attention layer with its scoring network.
+
+    Args:
+        d_model: width of the layer input and output.
+        n_heads: query heads; n_kv_heads: key/value heads (divides n_heads; default n_heads).
+        topk, window: pairs selected by score and the sliding window (DESIGN section 2).
+        head_dim: per-head width (default d_model // n_heads; even, for the rotary embedding).
+        backend: the op's backend ("auto": Triton on CUDA, PyTorch on CPU).
+        keep_selection: keep the last call's scores (``last_scores``) for ``selection_mask``.
+
+    ``forward(x)``: x [B, S, d_model] -> [B, S, d_model].
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, topk: int, window: int,
+                 head_dim: int | None = None, bias: bool = False, rope_base: float = 10000.0,
+                 backend: str = "auto", keep_selection: bool = False):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        head_dim = d_model // n_heads if head_dim is None else head_dim
+        if n_heads % n_kv_heads:
+            raise ValueError(f"SparseKAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim % 2:
+            raise ValueError(f"SparseKAttention: head_dim must be even for the rotary embedding, got {head_dim}")
+        if topk < 0 or window < 0 or topk + window == 0:
+            raise ValueError(f"SparseKAttention: need topk >= 0, window >= 0, not both 0; got topk={topk}, window={window}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.topk, self.window, self.rope_base, self.backend = topk, window, rope_base, backend
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.score = nn.Linear(d_model, n_kv_heads)  # w_score, b_score
+        self.slope = nn.Parameter(torch.full((n_kv_heads,), SLOPE_INIT))
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+        self.keep_selection = keep_selection
+        self.last_scores: Tensor | None = None
+
+    def scores(self, x: Tensor) -> Tensor:
+        """u [B, n_kv_heads, S] float32 from x [B, S, d_model]."""
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+        u = self.score(x).float() + self.slope.float()[None, None, :] * pos[None, :, None]
+        return u.transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"SparseKAttention: x must be [batch, seq, d_model], got shape {tuple(x.shape)}")
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
+        u = self.scores(x)
+        if self.keep_selection:
+            self.last_scores = u.detach()
+        o = sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=self.backend)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def selection_mask(self) -> Tensor:
+        """[B, n_kv_heads, S, S] bool of the last call (needs ``keep_selection``): entry (i, j) is
+        True when query i attends position j (its top-k by score or its window). For pictures
+        and inspection; S x S memory."""
+        if self.last_scores is None:
+            raise RuntimeError("SparseKAttention.selection_mask: no scores kept; set keep_selection=True and call the layer")
+        u = self.last_scores
+        B, H, S = u.shape
+        i = torch.arange(S, device=u.device)[:, None]
+        j = torch.arange(S, device=u.device)[None, :]
+        window = (j <= i) & (j > i - self.window)
+        if self.topk == 0:
+            return window.expand(B, H, S, S).clone()
+        evict = selection.select(u, self.topk, self.window, fractional=False).evict.view(B, H, 1, S)
+        return window | ((j + self.window <= i) & (i < evict))
