@@ -1,85 +1,361 @@
-"""The main job (for now): run SPARSEK attention, check it against the float64 reference, and
-time it next to dense causal attention (SDPA) on the same machine.
+"""The main job: does SPARSEK attention learn? Train a small byte-level GPT three ways -- full
+causal attention, sliding-window attention, SPARSEK + sliding window -- on the same corpus
+(the Python standard library of the interpreter that runs this), at the same size, and compare.
+Then a long-range check: recall a value whose key sits beyond the window.
 
-    python -m sparsek_ops.demo [--seq 16384] [--topk 256] [--window 256] [--heads 8] [--dim 64]
+    python -m sparsek_ops.demo [--steps 200] [--seq 512] [--topk 64] [--window 64]
+                               [--device cpu] [--out sparsek_demo_out]
+
+Writes to --out: results.json (every number and the settings), loss_curves.png, selection.png
+(what a trained SPARSEK layer attends: queries x positions), and prints a table. Each kind
+trains in its own process, so that its peak memory is its own. About 10 minutes on 2 CPU cores
+with the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
 import time
+import zlib
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import reference
 from .api import sparsek_attention
+from .models import KINDS, GPT, GPTConfig
 
 
-def check(device: str) -> dict:
-    """Output and gradients of a small problem against the float64 reference."""
+# ------------------------------------------------------------------ data
+def stdlib_corpus(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Byte tokens of the standard library's .py files, train and validation split by file
+    (crc32 of the relative path: about 1 file in 10 is validation), files in sorted order, each
+    split filled up to its share of max_bytes (90% / 10%). Deterministic for a given Python
+    installation."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    budget = {"train": 0.9 * max_bytes, "val": 0.1 * max_bytes}
+    parts = {"train": [], "val": []}
+    for p in files:
+        split = "val" if zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0 else "train"
+        data = p.read_bytes()
+        if 0 < len(data) <= budget[split]:
+            parts[split].append(data)
+            budget[split] -= len(data) + 2
+    if not parts["train"] or not parts["val"]:
+        raise RuntimeError(f"too little Python source under {root} for a train/validation split of "
+                           f"{max_bytes} bytes; raise --corpus-mb")
+    tok = {s: torch.frombuffer(bytearray(b"\n\n".join(d)), dtype=torch.uint8).long() for s, d in parts.items()}
+    info = {"root": str(root), "files_train": len(parts["train"]), "files_val": len(parts["val"]),
+            "bytes_train": tok["train"].numel(), "bytes_val": tok["val"].numel()}
+    return tok["train"], tok["val"], info
+
+
+def crops(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """[batch, seq + 1] random windows of data."""
+    start = torch.randint(0, data.numel() - seq - 1, (batch,), generator=gen)
+    return torch.stack([data[s:s + seq + 1] for s in start.tolist()])
+
+
+def recall_batch(batch: int, gen: torch.Generator, pairs: int = 16, gap: int = 160, queries: int = 8):
+    """Key-value recall: ``pairs`` pairs "Kv " (distinct capital keys, small-letter values), then
+    ``gap`` filler digits, then ``queries`` questions "?Kv" about pairs from the start. Returns
+    tokens [batch, L] and the positions of the answers (the v of each question), so the answer
+    sits more than ``gap`` positions after its pair: beyond a window shorter than that."""
+    rows, where = [], []
+    for _ in range(batch):
+        keys = torch.randperm(26, generator=gen)[:pairs]
+        vals = torch.randint(0, 26, (pairs,), generator=gen)
+        seq = []
+        for kk, vv in zip(keys.tolist(), vals.tolist()):
+            seq += [65 + kk, 97 + vv, 32]
+        seq += (48 + torch.randint(0, 10, (gap,), generator=gen)).tolist()
+        ask = torch.randperm(pairs, generator=gen)[:queries].tolist()
+        pos = []
+        for a in ask:
+            seq += [63, 65 + keys[a].item()]
+            pos.append(len(seq))
+            seq.append(97 + vals[a].item())
+        rows.append(seq)
+        where.append(pos)
+    return torch.tensor(rows), torch.tensor(where)
+
+
+# ------------------------------------------------------------------ measuring
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of what runs inside, in MiB: CUDA's max allocated on a GPU, else the growth of
+    the process's peak resident set (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        elif os.path.exists("/proc/self/clear_refs"):
+            self.mib = (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def check_op(device: torch.device) -> float:
+    """Largest error of the op's output and gradients against the float64 reference, small problem."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 96, 32, generator=g, dtype=torch.float64)
-    k = torch.randn(2, 2, 96, 32, generator=g, dtype=torch.float64)
-    v = torch.randn(2, 2, 96, 16, generator=g, dtype=torch.float64)
-    u = torch.randn(2, 2, 96, generator=g, dtype=torch.float64) * 2
-    leaves = [x.to(device).requires_grad_() for x in (q, k, v, u)]
-    out = sparsek_attention(*leaves, topk=8, window=8)
-    grads = torch.autograd.grad(out.square().sum(), leaves)
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, u)]
+    leaves = [torch.randn(*s, generator=g, dtype=torch.float64) for s in
+              ((2, 4, 96, 32), (2, 2, 96, 32), (2, 2, 96, 16), (2, 2, 96))]
+    mine = [x.to(device).requires_grad_() for x in leaves]
+    out = sparsek_attention(*mine, topk=8, window=8)
+    grads = torch.autograd.grad(out.square().sum(), mine)
+    ref_leaves = [x.clone().requires_grad_() for x in leaves]
     ref, _ = reference.attention(*ref_leaves, 8, 8)
     ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
-    errs = {"out": (out.cpu() - ref).abs().max().item()}
-    errs.update({f"d{n}": (a.cpu() - b).abs().max().item() for n, a, b in zip("qkvu", grads, ref_grads)})
-    return errs
+    return max((a.cpu() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads)))
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+# ------------------------------------------------------------------ training
+def make_model(kind: str, args) -> GPT:
+    torch.manual_seed(args.seed)  # same initial weights for the parts every kind shares
+    cfg = GPTConfig(attention=kind, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                    n_kv_heads=args.kv_heads, topk=args.topk, window=args.window)
+    return GPT(cfg).to(args.device)
 
 
-def main(argv: list[str] | None = None) -> None:
+def lr_at(step: int, steps: int, lr: float) -> float:
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def train_lm(kind: str, args, train: torch.Tensor, val_batches: list[torch.Tensor]) -> tuple[GPT, dict]:
+    model = make_model(kind, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every kind
+    curve = {"step": [], "train": [], "val_step": [], "val": []}
+    busy = 0.0
+    dev = torch.device(args.device)
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [model.loss(b.to(dev)).item() for b in val_batches]
+        model.train()
+        return sum(losses) / len(losses)
+
+    with PeakMemory(dev) as mem:
+        for step in tqdm(range(args.steps), desc=f"train {kind:8s}", unit="step", leave=False):
+            tokens = crops(train, args.batch, args.seq, gen).to(dev)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr)
+            t0 = time.perf_counter()
+            loss = model.loss(tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            busy += time.perf_counter() - t0
+            curve["step"].append(step + 1)
+            curve["train"].append(loss.item())
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                curve["val_step"].append(step + 1)
+                curve["val"].append(evaluate())
+    val = curve["val"][-1]
+    return model, {"kind": kind, "params": sum(p.numel() for p in model.parameters()), "val_loss": val,
+                   "val_ppl": math.exp(val), "tokens_per_s": args.steps * args.batch * args.seq / busy,
+                   "peak_mib": mem.mib, "train_s": busy, "curve": curve}
+
+
+def train_recall(kind: str, args) -> dict:
+    """Train a fresh model on the recall task; accuracy of the answers on held-out sequences."""
+    model = make_model(kind, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    dev = torch.device(args.device)
+    for step in tqdm(range(args.recall_steps), desc=f"recall {kind:7s}", unit="step", leave=False):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.recall_steps, args.lr)
+        tokens, where = recall_batch(args.batch, gen)
+        tokens, where = tokens.to(dev), where.to(dev)
+        logits = model(tokens[:, :-1])
+        pred = logits.gather(1, (where - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+        loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(),
+                                                 tokens.gather(1, where).reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    tokens, where = recall_batch(64, torch.Generator().manual_seed(args.seed + 3))
+    tokens, where = tokens.to(dev), where.to(dev)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+    guess = logits.gather(1, (where - 1)[:, :, None].expand(-1, -1, logits.shape[-1])).argmax(-1)
+    return {"kind": kind, "accuracy": (guess == tokens.gather(1, where)).float().mean().item(),
+            "chance": 1 / 26, "distance_min": 3 + 160 + 1, "steps": args.recall_steps}
+
+
+# ------------------------------------------------------------------ output
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_plot(out: Path, runs: list[dict], args) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        c = r["curve"]
+        k = max(1, len(c["train"]) // 50)
+        smooth = [sum(c["train"][max(0, i - k + 1):i + 1]) / len(c["train"][max(0, i - k + 1):i + 1])
+                  for i in range(len(c["train"]))]
+        line, = ax.plot(c["step"], smooth, alpha=0.6, label=f"{r['kind']} train")
+        ax.plot(c["val_step"], c["val"], "o-", color=line.get_color(), label=f"{r['kind']} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per byte)")
+    ax.set_title(f"byte-level GPT on the Python stdlib, S={args.seq}, topk={args.topk}, window={args.window}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    return "loss_curves.png"
+
+
+def selection_picture(out: Path, model: GPT, val: torch.Tensor, args) -> str:
+    """What the last layer of a trained SPARSEK model attends on a validation sample: queries x
+    positions for KV head 0 (the top-k by score and the window)."""
+    attn = model.blocks[-1].attn
+    attn.keep_selection = True
+    with torch.no_grad():
+        model(val[: args.seq][None].to(args.device))
+    mask = attn.selection_mask()[0, 0].cpu().float()
+    attn.keep_selection, attn.last_scores = False, None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(mask, cmap="Greys", interpolation="nearest")
+    ax.set_xlabel("position j")
+    ax.set_ylabel("query i")
+    ax.set_title(f"trained SPARSEK layer {len(model.blocks) - 1}, KV head 0:\n"
+                 f"selected (top-{args.topk}) and window ({args.window}) positions", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "selection.png", dpi=120)
+    plt.close(fig)
+    return "selection.png"
+
+
+def table(runs: list[dict], recall: list[dict]) -> str:
+    lines = ["| attention | parameters | validation loss | perplexity | tokens/s | peak memory (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['kind']} | {r['params']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_mib']:.0f} |")
+    if recall:
+        lines += ["", "| attention | recall accuracy (answer > 160 positions back) | chance |", "|---|---|---|"]
+        for r in recall:
+            lines.append(f"| {r['kind']} | {r['accuracy']:.3f} | {r['chance']:.3f} |")
+    return "\n".join(lines)
+
+
+def worker(kind: str, args, out: Path) -> None:
+    """One attention kind in its own process (so that its peak memory is its own): the language
+    model, the recall check, and for SPARSEK the selection picture; writes out/run_<kind>.json."""
+    train, val, _ = stdlib_corpus(int(args.corpus_mb * 2**20))
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    val_batches = [crops(val, args.batch, args.seq, gen) for _ in range(args.eval_batches)]
+    model, run = train_lm(kind, args, train, val_batches)
+    if kind == "sparsek":
+        run["picture"] = selection_picture(out, model, val, args)
+    run["recall"] = train_recall(kind, args) if args.recall_steps > 0 else None
+    with open(out / f"run_{kind}.json", "w") as f:
+        json.dump(run, f)
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq", type=int, default=16384, help="sequence length of the timing run")
-    ap.add_argument("--topk", type=int, default=256)
-    ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=200, help="training steps per attention kind")
+    ap.add_argument("--seq", type=int, default=512, help="training sequence length (bytes)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--d-model", dest="d_model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", dest="kv_heads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-every", dest="eval_every", type=int, default=40)
+    ap.add_argument("--eval-batches", dest="eval_batches", type=int, default=8)
+    ap.add_argument("--recall-steps", dest="recall_steps", type=int, default=100,
+                    help="training steps of the recall check per kind (0: skip it)")
+    ap.add_argument("--corpus-mb", dest="corpus_mb", type=float, default=8.0)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of full,window,sparsek")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="sparsek_demo_out", help="folder for results.json and the plots")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one kind per process
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-
-    steps = tqdm(total=3, desc="sparsek demo", unit="step")
-    result = check(args.device)
-    steps.update()
-    g = torch.Generator().manual_seed(1)
-    shape = (1, args.heads, args.seq, args.dim)
-    q, k, v = (torch.randn(*shape, generator=g).to(args.device) for _ in range(3))
-    u = torch.randn(1, args.heads, args.seq, generator=g).to(args.device)
-    t_sparsek = _time(lambda: sparsek_attention(q, k, v, u, topk=args.topk, window=args.window), args.repeats)
-    steps.update()
-    t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats)
-    steps.update()
-    steps.close()
-
-    print("\nCheck against the float64 reference "
-          f"(B=2, Hq=4, Hkv=2, S=96, D=32, Dv=16, topk=8, window=8), max abs error:")
-    for name, err in result.items():
-        print(f"  {name:4s} {err:.2e}")
-    print(f"\nForward time, float32, B=1, H={args.heads}, S={args.seq}, D={args.dim}, "
-          f"device={args.device}, best of {args.repeats}:")
-    rows = [(f"SPARSEK (topk={args.topk}, window={args.window})", t_sparsek), ("SDPA causal (dense)", t_sdpa)]
-    width = max(len(name) for name, _ in rows)
-    for name, t in rows:
-        print(f"  {name:{width}s} {t * 1e3:9.1f} ms")
-    print(f"  speed-up: {t_sdpa / t_sparsek:.2f}x")
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds must name some of {KINDS}, got {args.kinds!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        worker(args.worker, args, out)
+        return {}
+    t_start = time.perf_counter()
+    err = check_op(torch.device(args.device))
+    print(f"op check against the float64 reference: max abs error {err:.1e}")
+    _, val, corpus = stdlib_corpus(int(args.corpus_mb * 2**20))
+    print(f"corpus: {corpus['files_train']} + {corpus['files_val']} files of {corpus['root']}, "
+          f"{corpus['bytes_train']:,} train / {corpus['bytes_val']:,} validation bytes")
+    runs = []
+    for kind in tqdm(kinds, desc="attention kinds", unit="kind"):
+        subprocess.run([sys.executable, "-m", "sparsek_ops.demo", *argv, "--worker", kind], check=True)
+        with open(out / f"run_{kind}.json") as f:
+            runs.append(json.load(f))
+        os.remove(out / f"run_{kind}.json")
+    recall = [r.pop("recall") for r in runs if r.get("recall")]
+    files = [loss_plot(out, runs, args)] + [r.pop("picture") for r in runs if "picture" in r]
+    result = {"settings": vars(args), "corpus": corpus, "op_check_max_abs_error": err, "runs": runs,
+              "recall": recall, "wall_s": time.perf_counter() - t_start,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "files": files + ["results.json"]}
+    del result["settings"]["worker"]
+    with open(out / "results.json", "w") as f:
+        json.dump(result, f, indent=1)
+    print()
+    print(table(runs, recall))
+    print(f"\n{args.steps} steps x {args.batch} x {args.seq} bytes per kind on {args.device}; "
+          f"wall {result['wall_s']:.0f} s; wrote {', '.join(str(out / f) for f in result['files'])}")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,13 +1,36 @@
-"""The README's main job runs end to end (tiny sizes) and prints its check and its timing."""
+"""The README's main job runs end to end with a tiny budget and writes its table, plots and JSON."""
 
+import json
 import re
 
 from sparsek_ops import demo
 
 
-def test_demo_runs_and_reports(capsys):
-    demo.main(["--seq", "300", "--topk", "16", "--window", "8", "--heads", "2", "--dim", "16", "--repeats", "1"])
+def test_demo_runs_and_writes_everything(tmp_path, capsys):
+    result = demo.main(["--steps", "3", "--seq", "64", "--batch", "2", "--recall-steps", "2", "--eval-every", "2",
+                        "--eval-batches", "1", "--corpus-mb", "0.5", "--topk", "8", "--window", "8",
+                        "--layers", "1", "--d-model", "32", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    errors = [float(x) for x in re.findall(r"^\s+(?:out|dq|dk|dv|du)\s+(\S+)$", out, re.M)]
-    assert len(errors) == 5 and max(errors) < 1e-10
-    assert "SDPA causal" in out and re.search(r"speed-up: \d+\.\d+x", out)
+    assert result["op_check_max_abs_error"] < 1e-10
+    for name in ("results.json", "loss_curves.png", "selection.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["kind"] for r in saved["runs"]] == ["full", "window", "sparsek"]
+    for r in saved["runs"]:
+        assert r["val_loss"] > 0 and r["tokens_per_s"] > 0 and r["params"] > 0
+        assert len(r["curve"]["train"]) == 3 and r["curve"]["val_step"] == [2, 3]
+    assert [r["kind"] for r in saved["recall"]] == ["full", "window", "sparsek"]
+    assert saved["corpus"]["files_train"] > 0 and saved["corpus"]["files_val"] > 0
+    assert re.search(r"^\| sparsek \| [\d,]+ \| \d+\.\d{4} \|", out, re.M)
+    assert "recall accuracy" in out
+
+
+def test_recall_answers_sit_beyond_the_window():
+    import torch
+
+    tokens, where = demo.recall_batch(4, torch.Generator().manual_seed(0))
+    for row, pos in zip(tokens, where):
+        for p in pos.tolist():
+            key = row[p - 1].item()
+            first = [i for i in range(0, 48, 3) if row[i].item() == key]
+            assert len(first) == 1 and row[first[0] + 1] == row[p] and p - first[0] > 160
