@@ -31,6 +31,7 @@ from tqdm import tqdm
 from . import reference
 from .api import sparsek_attention
 from .models import KINDS, GPT, GPTConfig
+from .nn import SLOPE_INIT
 
 
 # ------------------------------------------------------------------ data
@@ -139,7 +140,7 @@ def check_op(device: torch.device) -> float:
 def make_model(kind: str, args) -> GPT:
     torch.manual_seed(args.seed)  # same initial weights for the parts every kind shares
     cfg = GPTConfig(attention=kind, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                    n_kv_heads=args.kv_heads, topk=args.topk, window=args.window)
+                    n_kv_heads=args.kv_heads, topk=args.topk, window=args.window, slope_init=args.slope_init)
     return GPT(cfg).to(args.device)
 
 
@@ -310,10 +311,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", dest="kv_heads", type=int, default=2)
+    ap.add_argument("--slope-init", dest="slope_init", type=float, default=SLOPE_INIT,
+                    help="the SPARSEK scorer's initial position slope")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", dest="eval_every", type=int, default=40)
     ap.add_argument("--eval-batches", dest="eval_batches", type=int, default=8)
-    ap.add_argument("--recall-steps", dest="recall_steps", type=int, default=100,
+    ap.add_argument("--recall-steps", dest="recall_steps", type=int, default=60,
                     help="training steps of the recall check per kind (0: skip it)")
     ap.add_argument("--corpus-mb", dest="corpus_mb", type=float, default=8.0)
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of full,window,sparsek")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import sparsek_attention
-from .nn import SparseKAttention, rotary
+from .nn import SLOPE_INIT, SparseKAttention, rotary
 
 KINDS = ("full", "window", "sparsek")
 
@@ -32,6 +32,7 @@ class GPTConfig:
     attention: str = "sparsek"  # full | window | sparsek
     topk: int = 64  # sparsek: pairs selected by score
     window: int = 64  # window and sparsek: sliding window
+    slope_init: float = SLOPE_INIT  # sparsek: the scorer's initial position slope
     mlp_mult: float = 8 / 3
     backend: str = "auto"
 
@@ -72,7 +73,7 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model)
         if cfg.attention == "sparsek":
             self.attn = SparseKAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, topk=cfg.topk,
-                                         window=cfg.window, backend=cfg.backend)
+                                         window=cfg.window, backend=cfg.backend, slope_init=cfg.slope_init)
         else:
             self.attn = DenseAttention(cfg)
         hidden = int(cfg.mlp_mult * cfg.d_model)

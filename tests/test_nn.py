@@ -28,9 +28,10 @@ def test_shapes_dtypes_and_gradients_reach_the_scoring_network():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_fresh_layer_is_a_sliding_window_of_topk_plus_window():
+@pytest.mark.parametrize("slope_init", [0.05, 0.25, 2.0])
+def test_fresh_layer_is_a_sliding_window_of_topk_plus_window(slope_init):
     """Initialised scores rise with position: query i attends exactly i - topk - window + 1 .. i."""
-    m = layer(topk=6, window=3, keep_selection=True)
+    m = layer(topk=6, window=3, keep_selection=True, slope_init=slope_init)
     S = 50
     m(torch.randn(2, S, 48))
     mask = m.selection_mask()
