@@ -142,8 +142,8 @@ def _bwd_slot_sweep(
 ):
     """Adds the selected pairs' dk (times scale), dv and du's first term from the query blocks
     *after* the block each pair enters in (ENTRY: from that block alone; then the lanes are BS
-    consecutive positions, one segment, and every pair is flushed at the end) into DK [R, S, D], DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted
-    within the segment, and parks the sums of the pairs still in their slots at its end in
+    consecutive positions, one segment, and every pair is flushed at the end) into DK [R, S, D],
+    DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted within the segment, and parks the sums of the pairs still in their slots at its end in
     CK [R, NZ-1, NL, D], CV [R, NZ-1, NL, DV], CU [R, NZ-1, NL] (segments but the last).
 
     So a slot's pair changes only between query blocks: in block [qs, qe) slot s works for the
@@ -265,18 +265,13 @@ def _add_carries(LANES, DK, DV, DU, CK, CV, CU, S, NL, NZ, Hkv,
     for z in range(0, NZ - 1):
         j = tl.load(LANES + (r64 * NZ + z + 1) * NL + lane, mask=lane < NL, other=-1)
         ok = j >= 0
-        j64 = r64 * S + tl.where(ok, j, 0).to(tl.int64)
         rows = ((r64 * (NZ - 1) + z) * NL + lane).to(tl.int64)
-        mk = ok[:, None] & (offs_d[None, :] < D)
-        pk = DK + j64[:, None] * D + offs_d[None, :]
-        tl.store(pk, tl.load(pk, mask=mk, other=0.0)
-                 + tl.load(CK + rows[:, None] * D + offs_d[None, :], mask=mk, other=0.0), mask=mk)
-        mv = ok[:, None] & (offs_dv[None, :] < DV_)
-        pv = DV + j64[:, None] * DV_ + offs_dv[None, :]
-        tl.store(pv, tl.load(pv, mask=mv, other=0.0)
-                 + tl.load(CV + rows[:, None] * DV_ + offs_dv[None, :], mask=mv, other=0.0), mask=mv)
-        tl.store(DU + j64, tl.load(DU + j64, mask=ok, other=0.0) + tl.load(CU + rows, mask=ok, other=0.0),
-                 mask=ok)
+        ck = tl.load(CK + rows[:, None] * D + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        cv = tl.load(CV + rows[:, None] * DV_ + offs_dv[None, :], mask=ok[:, None] & (offs_dv[None, :] < DV_),
+                     other=0.0)
+        cu = tl.load(CU + rows, mask=ok, other=0.0)
+        # parked dk sums are already scaled
+        _flush(DK, DV, DU, r64 * S + tl.where(ok, j, 0).to(tl.int64), ok, ck, cv, cu, 1.0, D, DV_, BD, BDV)
 
 
 def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32: Tensor, shift: Tensor,
