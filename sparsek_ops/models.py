@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import sparsek_attention
-from .nn import SLOPE_INIT, SparseKAttention, rotary
+from .nn import SLOPE_INIT, Projections, SparseKAttention
 
 KINDS = ("full", "window", "sparsek")
 
@@ -37,33 +37,24 @@ class GPTConfig:
     backend: str = "auto"
 
 
-class DenseAttention(nn.Module):
+class DenseAttention(Projections):
     """Causal attention without selection: dense (``"full"``) or a sliding window of
     ``window`` positions (``"window"``, through the SPARSEK op with topk = 0, O(S * window)).
     Same projections and rotary embedding as ``SparseKAttention``, no scoring network."""
 
     def __init__(self, cfg: GPTConfig):
-        super().__init__()
+        super().__init__(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, name="DenseAttention")
         self.cfg = cfg
-        hd = cfg.d_model // cfg.n_heads
-        self.head_dim = hd
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        c, (B, S, _) = self.cfg, x.shape
-        q = self.q_proj(x).view(B, S, c.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, c.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, c.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotary(q), rotary(k)
+        c = self.cfg
+        q, k, v = self.qkv(x)
         if c.attention == "full":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_heads != c.n_kv_heads)
         else:
-            u = torch.zeros(B, c.n_kv_heads, S, device=x.device)  # unused with topk = 0
+            u = torch.zeros(x.shape[0], c.n_kv_heads, x.shape[1], device=x.device)  # unused with topk = 0
             o = sparsek_attention(q, k, v, u, topk=0, window=c.window, backend=c.backend)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+        return self.merge(o)
 
 
 class Block(nn.Module):

@@ -38,7 +38,44 @@ def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
-class SparseKAttention(nn.Module):
+class Projections(nn.Module):
+    """The attention layer around the kernel: q, k, v and output projections (GQA), rotary
+    embedding on q and k. Shared by ``SparseKAttention`` and the dense baselines of ``models``.
+
+    ``qkv(x)``: x [B, S, d_model] -> q [B, n_heads, S, hd], k, v [B, n_kv_heads, S, hd];
+    ``merge(o)``: o [B, n_heads, S, hd] -> [B, S, d_model]."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 bias: bool = False, rope_base: float = 10000.0, name: str = "SparseKAttention"):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        head_dim = d_model // n_heads if head_dim is None else head_dim
+        if n_heads % n_kv_heads:
+            raise ValueError(f"{name}: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim % 2:
+            raise ValueError(f"{name}: head_dim must be even for the rotary embedding, got {head_dim}")
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_base = n_heads, n_kv_heads, head_dim, rope_base
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self._name = name
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.dim() != 3:
+            raise ValueError(f"{self._name}: x must be [batch, seq, d_model], got shape {tuple(x.shape)}")
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return rotary(q, self.rope_base), rotary(k, self.rope_base), v
+
+    def merge(self, o: Tensor) -> Tensor:
+        B, _, S, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class SparseKAttention(Projections):
     """SPARSEK attention layer with its scoring network.
 
     Args:
@@ -56,23 +93,12 @@ class SparseKAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, topk: int, window: int,
                  head_dim: int | None = None, bias: bool = False, rope_base: float = 10000.0,
                  backend: str = "auto", slope_init: float = SLOPE_INIT, keep_selection: bool = False):
-        super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        head_dim = d_model // n_heads if head_dim is None else head_dim
-        if n_heads % n_kv_heads:
-            raise ValueError(f"SparseKAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
-        if head_dim % 2:
-            raise ValueError(f"SparseKAttention: head_dim must be even for the rotary embedding, got {head_dim}")
         if topk < 0 or window < 0 or topk + window == 0:
             raise ValueError(f"SparseKAttention: need topk >= 0, window >= 0, not both 0; got topk={topk}, window={window}")
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.topk, self.window, self.rope_base, self.backend = topk, window, rope_base, backend
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
-        self.score = nn.Linear(d_model, n_kv_heads)  # w_score, b_score
-        self.slope = nn.Parameter(torch.full((n_kv_heads,), float(slope_init)))
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, bias, rope_base)
+        self.topk, self.window, self.backend = topk, window, backend
+        self.score = nn.Linear(d_model, self.n_kv_heads)  # w_score, b_score
+        self.slope = nn.Parameter(torch.full((self.n_kv_heads,), float(slope_init)))
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
         self.keep_selection = keep_selection
@@ -85,18 +111,11 @@ class SparseKAttention(nn.Module):
         return u.transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"SparseKAttention: x must be [batch, seq, d_model], got shape {tuple(x.shape)}")
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
+        q, k, v = self.qkv(x)
         u = self.scores(x)
         if self.keep_selection:
             self.last_scores = u.detach()
-        o = sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=self.backend)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return self.merge(sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=self.backend))
 
     def selection_mask(self) -> Tensor:
         """[B, n_kv_heads, S, S] bool of the last call (needs ``keep_selection``): entry (i, j) is
