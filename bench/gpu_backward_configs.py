@@ -9,11 +9,8 @@ import argparse
 import json
 import os
 
-import torch
-
-import sparsek_ops
 from sparsek_ops.kernels import backward
-from profile_step import kernel_times
+from profile_step import kernel_times, standard_step
 
 
 def main():
@@ -23,16 +20,8 @@ def main():
     ap.add_argument("--configs", default="64:64:4:2,64:32:4:2,128:64:8:2,128:32:8:2,64:64:4:3,128:64:8:3,32:64:4:2")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
-    S, Hq, D = a.S, 16, 128
-    B = max(1, 32768 // S)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for h in (Hq, a.Hkv, a.Hkv))
-    u = torch.randn(B, a.Hkv, S, device="cuda", generator=g).requires_grad_()
-    do = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
-
-    def step():
-        sparsek_ops.sparsek_attention(q, k, v, u, topk=1024, window=1024, backend="triton").backward(do)
+    S = a.S
+    step, _ = standard_step(S, a.Hkv)
 
     rows = []
     for cfg in a.configs.split(","):

@@ -32,6 +32,23 @@ def kernel_times(fn, reps: int = 3) -> list[tuple[float, int, str]]:
     return sorted(rows, reverse=True)
 
 
+def standard_step(S: int, Hkv: int, topk: int = 1024, window: int = 1024, slope: float = 0.0):
+    """One SPARSEK forward+backward (backend "triton") on the standard workload's inputs: bf16,
+    Hq = 16, D = 128, B * S = 32K, scores randn + slope * position. Returns (step, B)."""
+    Hq, D = 16, 128
+    B = max(1, 32768 // S)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    u = (torch.randn(B, Hkv, S, device="cuda", generator=g) + slope * torch.arange(S, device="cuda")).requires_grad_()
+    do = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def step():
+        sparsek_ops.sparsek_attention(q, k, v, u, topk=topk, window=window, backend="triton").backward(do)
+
+    return step, B
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, default=32768)
@@ -41,18 +58,8 @@ def main():
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--slope", type=float, default=0.0, help="scores randn + slope * position")
     args = ap.parse_args()
-    S, Hq, D = args.S, 16, 128
-    B = max(1, 32768 // S)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for h in (Hq, args.Hkv, args.Hkv))
-    u = (torch.randn(B, args.Hkv, S, device="cuda", generator=g)
-         + args.slope * torch.arange(S, device="cuda")).requires_grad_()
-    do = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
-
-    def step():
-        sparsek_ops.sparsek_attention(q, k, v, u, topk=args.topk, window=args.window, backend="triton").backward(do)
-
+    S = args.S
+    step, B = standard_step(S, args.Hkv, args.topk, args.window, args.slope)
     rows = kernel_times(step)
     print(f"S={S} B={B} Hkv={args.Hkv} topk={args.topk} window={args.window} slope={args.slope}")
     print(f"total CUDA ms per step: {sum(r[0] for r in rows):.3f}")
