@@ -151,6 +151,22 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
+def update(model: GPT, opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One optimiser step at learning rate lr, gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def answer_logits(model: GPT, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """[B, Q, vocab]: the model's prediction of each answer token ``tokens[b, where[b, q]]``."""
+    logits = model(tokens[:, :-1])
+    return logits.gather(1, (where - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+
 def train_lm(kind: str, args, train: torch.Tensor, val_batches: list[torch.Tensor]) -> tuple[GPT, dict]:
     model = make_model(kind, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -169,14 +185,9 @@ def train_lm(kind: str, args, train: torch.Tensor, val_batches: list[torch.Tenso
     with PeakMemory(dev) as mem:
         for step in tqdm(range(args.steps), desc=f"train {kind:8s}", unit="step", leave=False):
             tokens = crops(train, args.batch, args.seq, gen).to(dev)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.steps, args.lr)
             t0 = time.perf_counter()
             loss = model.loss(tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            update(model, opt, loss, lr_at(step, args.steps, args.lr))
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             busy += time.perf_counter() - t0
@@ -198,24 +209,17 @@ def train_recall(kind: str, args) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 2)
     dev = torch.device(args.device)
     for step in tqdm(range(args.recall_steps), desc=f"recall {kind:7s}", unit="step", leave=False):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.recall_steps, args.lr)
         tokens, where = recall_batch(args.batch, gen)
         tokens, where = tokens.to(dev), where.to(dev)
-        logits = model(tokens[:, :-1])
-        pred = logits.gather(1, (where - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+        pred = answer_logits(model, tokens, where)
         loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(),
                                                  tokens.gather(1, where).reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(model, opt, loss, lr_at(step, args.recall_steps, args.lr))
     tokens, where = recall_batch(64, torch.Generator().manual_seed(args.seed + 3))
     tokens, where = tokens.to(dev), where.to(dev)
     model.eval()
     with torch.no_grad():
-        logits = model(tokens[:, :-1])
-    guess = logits.gather(1, (where - 1)[:, :, None].expand(-1, -1, logits.shape[-1])).argmax(-1)
+        guess = answer_logits(model, tokens, where).argmax(-1)
     return {"kind": kind, "accuracy": (guess == tokens.gather(1, where)).float().mean().item(),
             "chance": 1 / 26, "distance_min": 3 + 160 + 1, "steps": args.recall_steps}
 
