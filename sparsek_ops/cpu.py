@@ -78,8 +78,10 @@ class _Plan:
         self.L = min(topk + self.BS, self.S) if topk > 0 else 0
         self.Wn = window + block_m - 1 if window > 0 else 0
         # Dummy blocks at the end of each row: room for the last selected block and for the
-        # left padding of the buffer.
-        self.NBp = self.NBs * self.m + -(-self.left // block_m)
+        # left padding of the buffer; a multiple of m per row, so that the selected blocks of a
+        # chunk of whole rows line up with its blocks.
+        self.NBp = self.NBs * self.m + -(-self.left // self.BS) * self.m
+        self.NBsp = self.NBp // self.m  # selected blocks per row, dummies included
         self.P = self.NBp * block_m
         self.F = self.R * self.NBp
         self.zero_row = self.F * block_m + self.Wn
@@ -110,9 +112,15 @@ class _Plan:
         return out
 
     def put(self, dst: Tensor, f0: int, f1: int, val: Tensor) -> None:
-        """Write the blocks f0 .. f1-1 of one row (``val [nc, G * BM, E]``) into ``dst [B, Hq, S, E]``."""
+        """Write the blocks f0 .. f1-1 (``val [nc, G * BM, E]``: a range of one row, or whole
+        rows) into ``dst [B, Hq, S, E]``; dummy blocks and padding queries are dropped."""
         r, b0 = divmod(f0, self.NBp)
         nc, G, BM = f1 - f0, self.G, self.BM
+        if b0 + nc > self.NBp:  # whole rows r .. r1-1
+            r1 = f1 // self.NBp
+            val = val.view(r1 - r, self.NBp, G, BM, -1)[:, : self.NB].transpose(1, 2)
+            dst.view(self.R, G, self.S, -1)[r:r1] = val.reshape(r1 - r, G, self.NB * BM, -1)[:, :, : self.S]
+            return
         n = min(self.S - b0 * BM, nc * BM)
         val = val.view(nc, G, BM, -1).transpose(0, 1).reshape(G, nc * BM, -1)[:, :n]
         dst.view(self.R, G, self.S, -1)[r, :, b0 * BM: b0 * BM + n] = val
@@ -182,7 +190,14 @@ class _Plan:
         return before if bool(before[:, 0].any()) else None
 
     def chunks(self):
-        """Ranges of real blocks, never crossing a row (so outputs go straight to their place)."""
+        """Block ranges [f0, f1): whole rows (dummy blocks included) when two or more fit in a
+        chunk, so that short sequences cost a few large calls rather than a few small calls per
+        row; else ranges of the real blocks of one row."""
+        rows = self.chunk // self.NBp
+        if rows >= 2:
+            for r in range(0, self.R, rows):
+                yield r * self.NBp, min(self.R, r + rows) * self.NBp
+            return
         for r in range(self.R):
             for b0 in range(0, self.NB, self.chunk):
                 yield r * self.NBp + b0, r * self.NBp + min(self.NB, b0 + self.chunk)
@@ -203,16 +218,16 @@ class _Selected:
 
     def __init__(self, plan: _Plan, x: "_Inputs", f0: int, f1: int):
         S, BS, sel = plan.S, plan.BS, x.sel
-        r0, b0 = divmod(f0, plan.NBp)
-        sb0 = b0 // plan.m
+        g0 = f0 // plan.m  # first selected block (f0 is a multiple of m)
         nc = -(-(f1 - f0) // plan.m)
-        sb = torch.arange(sb0, sb0 + nc, device=plan.device)
-        sp = x.lists[r0 * plan.NBs + sb0: r0 * plan.NBs + sb0 + nc]
+        g = torch.arange(g0, g0 + nc, device=plan.device)
+        self.g0 = g0
+        sp = x.lists[g0: g0 + nc]
         self.width = int((sp >= 0).sum(1).max()) if sp.numel() else 0
         sp = sp[:, : self.width]  # [nc, L], -1 for padding
-        qpos = (sb * BS)[:, None] + torch.arange(BS, device=plan.device)
+        qpos = ((g % plan.NBsp) * BS)[:, None] + torch.arange(BS, device=plan.device)
         self.qpos = qpos
-        r = torch.full((nc, 1), r0, dtype=torch.long, device=plan.device)
+        r = (g // plan.NBsp)[:, None]
         pad = sp < 0
         flat = r * S + sp.clamp(0, S - 1)  # index into [R * S] tensors
         self.flat = flat
@@ -288,7 +303,9 @@ class _Inputs:
         self.sel = self.lists = None
         if plan.L:
             self.sel = select(u, topk, plan.window, plan.BS, fractional=backward)
-            self.lists = self.sel.block_index.reshape(plan.R * plan.NBs, plan.L)
+            # One list per selected block of the chunk layout (dummy blocks: empty lists).
+            lists = self.sel.block_index.reshape(plan.R, plan.NBs, plan.L)
+            self.lists = F.pad(lists, (0, 0, 0, plan.NBsp - plan.NBs), value=-1).view(-1, plan.L)
         self.u64 = u.detach().reshape(plan.R, plan.S).to(torch.float64).contiguous()
         self.qs = plan.blocks(q, ct, scale=scale)
         # The fused window kernel wants one head size for k and v: pad both to max(D, Dv) there.
@@ -385,9 +402,8 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
             g = a.mul_(dov).addcmul_(qk, ds).sum(1, keepdim=True)  # dL/dp, GQA heads summed
             g = torch.where(part.fractional(), g, 0.0).to(torch.float64)[:, 0]  # [ns, BS, L]
             du.index_add_(0, part.flat.view(-1), g.sum(1).view(-1))
-            r0 = f0 // plan.NBp
-            span = slice(int(part.qpos[0, 0]), int(part.qpos[-1, -1]) + 1)
-            c[r0, span] = (g.sum(-1) / n_frac[r0, span].view(ns, BS)).view(-1)
+            span = slice(part.g0, part.g0 + ns)  # c and n_frac by selected block: [R * NBsp, BS]
+            c.view(-1, BS)[span] = g.sum(-1) / n_frac.view(-1, BS)[span]
         if plan.Wn:
             kw = plan.spans(x.kbuf, f0, f1)[..., : plan.D]
             vw = plan.spans(x.vbuf, f0, f1)[..., : plan.Dv]

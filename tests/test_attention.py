@@ -74,19 +74,29 @@ def test_longer_sequences(S, topk, window, block):
     check_against_reference(Problem(1, 4, 2, S, 32, 16, topk, window, torch.float32, seed=S), "torch")
 
 
-@pytest.mark.parametrize("fused,workspace,sel_blocks", [(False, None, 2), (True, 1, 3), (False, 1, 1), (True, None, 8)])
+@pytest.mark.parametrize("fused,workspace,sel_blocks",
+                         [(False, None, 2), (True, 1, 3), (False, 1, 1), (True, None, 8), (True, "3 rows", 2),
+                          (False, "3 rows", 3)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kernel_paths_and_chunk_boundaries(monkeypatch, fused, workspace, sel_blocks, dtype):
-    """The elementwise window tiles (the path off CPU), the smallest chunks and several sizes of
-    the selected blocks agree with the reference too."""
+    """The elementwise window tiles (the path off CPU), chunks of whole rows (the default at
+    these sizes; "3 rows": 4 rows in chunks of 3 and 1), the smallest chunks (parts of one
+    row) and several sizes of the selected blocks agree with the reference too."""
     from sparsek_ops import cpu
 
     monkeypatch.setattr(cpu, "FUSED", fused)
     monkeypatch.setattr(cpu, "SEL_BLOCKS", sel_blocks)
-    if workspace is not None:
+    if workspace == 1:
         monkeypatch.setattr(cpu, "WORKSPACE", workspace)
     for i, (S, topk, window, G, D, Dv) in enumerate([(150, 9, 20, 2, 16, 24), (131, 40, 0, 3, 8, 8), (70, 0, 9, 1, 24, 8)]):
-        check_against_reference(Problem(2, 2 * G, 2, S, D, Dv, topk, window, dtype, seed=i), "torch")
+        prob = Problem(2, 2 * G, 2, S, D, Dv, topk, window, dtype, seed=i)
+        if workspace == "3 rows":
+            plan = cpu._Plan(*prob.make()[:3], topk, window, cpu.BLOCK_M, sel_blocks)
+            per_block = plan.G * plan.BM * max(plan.L + plan.Wn, 1)
+            monkeypatch.setattr(cpu, "WORKSPACE", per_block * plan.NBp * 3)
+            assert [f1 - f0 for f0, f1 in cpu._Plan(*prob.make()[:3], topk, window, cpu.BLOCK_M,
+                                                    sel_blocks).chunks()] == [3 * plan.NBp, plan.NBp]
+        check_against_reference(prob, "torch")
 
 
 # ------------------------------------------------------------------ checks that follow from the definition
