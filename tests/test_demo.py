@@ -7,7 +7,7 @@ from sparsek_ops import demo
 
 
 def test_demo_runs_and_writes_everything(tmp_path, capsys):
-    result = demo.main(["--steps", "3", "--seq", "64", "--batch", "2", "--recall-steps", "2", "--eval-every", "2",
+    result = demo.main(["--steps", "3", "--seq", "64", "--batch", "2", "--recall-steps", "2", "--recall-batch", "4", "--eval-every", "2",
                         "--eval-batches", "1", "--corpus-mb", "0.5", "--topk", "8", "--window", "8",
                         "--layers", "1", "--d-model", "32", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -23,14 +23,28 @@ def test_demo_runs_and_writes_everything(tmp_path, capsys):
     assert saved["corpus"]["files_train"] > 0 and saved["corpus"]["files_val"] > 0
     assert re.search(r"^\| sparsek \| [\d,]+ \| \d+\.\d{4} \|", out, re.M)
     assert "recall accuracy" in out
+    for r in saved["recall"]:
+        assert 0 <= r["accuracy"] <= 1 and r["answers"] == demo.RECALL_EVAL * demo.RECALL_PAIRS
+        assert r["distance_min"] > 8  # beyond the window
 
 
-def test_recall_answers_sit_beyond_the_window():
+def test_recall_answers_follow_their_pairs_and_reach_past_topk_plus_window():
+    """Every question's answer is the value of the one earlier pair with its key, the distances
+    are what recall_batch reports, all beyond the window, and the default shape puts answers on
+    both sides of topk + window."""
+    import argparse
+
     import torch
 
-    tokens, where = demo.recall_batch(4, torch.Generator().manual_seed(0))
-    for row, pos in zip(tokens, where):
-        for p in pos.tolist():
+    args = argparse.Namespace(topk=64, window=64)
+    shape = demo.recall_shape(args)
+    tokens, where, dist = demo.recall_batch(16, torch.Generator().manual_seed(0), **shape)
+    P = shape["pairs"]
+    for row, pos, d in zip(tokens, where, dist):
+        assert sorted(row[p - 1].item() for p in pos) == sorted(row[i].item() for i in range(0, 3 * P, 3))
+        for p, dd in zip(pos.tolist(), d.tolist()):
             key = row[p - 1].item()
-            first = [i for i in range(0, 48, 3) if row[i].item() == key]
-            assert len(first) == 1 and row[first[0] + 1] == row[p] and p - first[0] > 160
+            first = [i for i in range(0, 3 * P, 3) if row[i].item() == key]
+            assert len(first) == 1 and row[first[0] + 1] == row[p] and p - (first[0] + 1) == dd
+    assert dist.min() > args.window
+    assert (dist <= args.topk + args.window).any() and (dist > args.topk + args.window).any()
