@@ -1,6 +1,5 @@
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -22,12 +21,3 @@ torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 # set before sparsek_ops (and so its kernels) is imported: conftest runs before the tests.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: run bench/gpu_run.sh on the lent GPU machine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
