@@ -25,7 +25,7 @@ def capped_simplex_threshold(z: Tensor, k: int) -> Tensor:
     n = z.shape[-1]
     bad = ~torch.isfinite(z).all(-1)
     if n <= k:
-        return torch.where(bad, float("nan"), torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype))
+        return torch.where(bad, float("nan"), torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device))
     zd = torch.where(torch.isfinite(z), z, 0.0).detach()
     bps = torch.cat([zd, zd - 1], -1)
     f = (zd[..., None, :] - bps[..., :, None]).clamp(0, 1).sum(-1)
@@ -70,7 +70,7 @@ def attention_weights(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor
     rows, masks = [], []
     for i in range(S):
         p_row = u.new_zeros(B, H, S)
-        m_row = torch.zeros(B, H, S, dtype=torch.bool)
+        m_row = torch.zeros(B, H, S, dtype=torch.bool, device=u.device)
         if window > 0:
             lo = max(0, i - window + 1)
             p_row[..., lo: i + 1] = 1.0
@@ -80,7 +80,7 @@ def attention_weights(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor
             cand = u[..., :n]
             tau = capped_simplex_threshold(cand, topk)[..., None]
             order = torch.sort(cand.detach(), dim=-1, descending=True, stable=True).indices[..., :topk]
-            chosen = torch.zeros(B, H, n, dtype=torch.bool).scatter_(-1, order, True)
+            chosen = torch.zeros(B, H, n, dtype=torch.bool, device=u.device).scatter_(-1, order, True)
             w = torch.where(tau == float("-inf"), torch.ones_like(cand), clip01(cand - tau))
             p_row = torch.cat([torch.where(chosen, w, 0.0), p_row[..., n:]], -1)
             m_row[..., :n] = chosen
