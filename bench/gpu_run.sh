@@ -5,7 +5,8 @@
 # reference, the selection against the PyTorch one, determinism, the 128K stress), the Triton
 # kernels under compute-sanitizer at a smaller S (out-of-bounds checks) where the machine has it,
 # the whole CPU suite on that machine's torch (2.11 there: our oldest supported version), then
-# the GPU benchmark (bench/gpu_bench.py). Every log goes under $OUT. "quick" skips the CPU suite
+# the GPU benchmark suite (bench/test_bench_gpu.py, compared with bench/baselines/) and the GPU
+# report (bench/gpu_bench.py). Every log goes under $OUT. "quick" skips the CPU suite
 # and the sanitizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,12 @@ if [ "${1:-}" != "quick" ]; then
   python3 -c "import xdist" 2>/dev/null && xdist="-n $workers"
   OMP_NUM_THREADS=2 python3 -m pytest -q -m "not gpu" tests $xdist -p no:cacheprovider 2>&1 | tail -n 15 | tee "$OUT/cpu_tests.log" || status=1
 fi
+# The GPU benchmark suite against the saved baseline of this machine kind (h100 by default;
+# BASELINE=h200 on the other kind), then the report (JSON, markdown, plots).
+base="${BASELINE:-h100}"
+python3 -m pytest -q bench/test_bench_gpu.py -p no:cacheprovider --benchmark-storage="file://bench/baselines/$base" \
+  --benchmark-compare=0001 --benchmark-compare-fail=min:25% --benchmark-columns=min,median,rounds 2>&1 \
+  | tail -n 30 | tee "$OUT/gpu_bench_suite.log" || status=1
 python3 bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
 tail -n 3 "$OUT/gpu_tests.log"
 exit $status
