@@ -8,7 +8,7 @@ synchronised call (``torch.cuda.synchronize``), after warm-up rounds.
 On the lent GPU (bench/gpu_run.sh does this), against the saved H100 baseline:
 
     python3 -m pytest bench/test_bench_gpu.py --benchmark-storage=file://bench/baselines/h100 \
-        --benchmark-compare=0001 --benchmark-compare-fail=min:25%
+        --benchmark-compare=0001 --benchmark-compare-fail=min:40%
 
 The report with Flex, plots and more lengths is ``bench/gpu_bench.py``.
 """
