@@ -64,7 +64,7 @@ from torch import Tensor
 from .. import cpu
 from ..cpu import lse_dtype
 from ..selection import Selection
-from . import common
+from . import common, selection_cache
 from .selection import select_for
 
 LOG2E = 1.4426950408889634
@@ -215,11 +215,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
         return out, lse.to(lse_dtype(q.dtype))
     R = B * Hkv
     NB = -(-S // BMQ)
+    u_in = u  # the op's input: the key under which the backward finds this call's selection
     if u.dtype not in (torch.float32, torch.float64):
         u = u.float()
     if topk > 0:
         if sel is None:
             sel = selection_for(u, topk, window, BMQ)
+            if any(x.requires_grad for x in (q, k, v, u_in)):  # a backward may follow
+                selection_cache.remember(u_in, topk, window, sel)
         if sel.block_m != BMQ:
             raise ValueError(f"selection built for blocks of {sel.block_m} queries, the kernel uses {BMQ}")
         tau, evict, lists = sel.tau.contiguous(), sel.evict.contiguous(), sel.block_index.contiguous()
