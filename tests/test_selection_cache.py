@@ -118,3 +118,33 @@ def test_cuda_backward_takes_the_forwards_selection_with_the_same_gradients(dtyp
     _, fresh = grads(True)
     for name, a, b in zip("qkvu", shared, fresh):
         assert torch.equal(a, b), f"d{name} differs when the backward selects again"
+
+
+@interpreter
+def test_the_backward_takes_the_forwards_selection_under_torch_compile(monkeypatch):
+    """Compiled (Inductor, fullgraph), the op's forward and backward still meet in the cache:
+    the backward does not select again, and the gradients equal eager's."""
+    from sparsek_ops.kernels import backward
+
+    c = _cache()
+    selects = []
+    real = backward.select_for
+
+    def spy(*args, **kwargs):
+        selects.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backward, "select_for", spy)
+    leaves = [x.requires_grad_() for x in Problem(1, 2, 1, 96, 16, 16, 8, 8, torch.float32, seed=4).make()]
+
+    def loss(q, k, v, u):
+        return sparsek_ops.sparsek_attention(q, k, v, u, topk=8, window=8, backend="triton").square().sum()
+
+    grads = {}
+    for name, fn in (("eager", loss), ("compiled", torch.compile(loss, fullgraph=True))):
+        c.clear()
+        grads[name] = torch.autograd.grad(fn(*leaves), leaves)
+        assert len(c._CACHE) == 0, name
+    assert selects == []
+    for a, b in zip(grads["eager"], grads["compiled"]):
+        torch.testing.assert_close(a, b)
