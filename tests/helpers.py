@@ -89,3 +89,16 @@ def reference_run(prob: Problem, q, k, v, u, dtype, grads=None):
     go, gl = grads
     loss = (out.double() * go.double()).sum() + (lse.double() * gl.double()).sum()
     return out, lse, torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (for the test's duration) so that each call appends 1 to the
+    returned list and then runs the real function."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparsek_ops
-from helpers import Problem
+from helpers import Problem, count_calls
 
 pytestmark = pytest.mark.skipif("triton" not in sparsek_ops.backends.names(), reason="triton is not installed")
 interpreter = pytest.mark.skipif(torch.cuda.is_available(),
@@ -62,14 +62,7 @@ def test_the_backward_takes_the_forwards_selection_and_gets_the_same_gradients(m
     prob = Problem(2, 4, 2, 150, 16, 16, 9, 12, torch.float32, seed=3)  # fp32: same blocks forward and backward
     leaves = [x.requires_grad_() for x in prob.make()]
     go = torch.randn(2, 4, 150, 16, generator=torch.Generator().manual_seed(0))
-    selects = []
-    real = backward.select_for
-
-    def spy(*args, **kwargs):
-        selects.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(backward, "select_for", spy)
+    selects = count_calls(monkeypatch, backward, "select_for")
 
     def grads(clear_between: bool):
         out = sparsek_ops.sparsek_attention(*leaves, topk=9, window=12, backend="triton")
@@ -127,14 +120,7 @@ def test_the_backward_takes_the_forwards_selection_under_torch_compile(monkeypat
     from sparsek_ops.kernels import backward
 
     c = _cache()
-    selects = []
-    real = backward.select_for
-
-    def spy(*args, **kwargs):
-        selects.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(backward, "select_for", spy)
+    selects = count_calls(monkeypatch, backward, "select_for")
     leaves = [x.requires_grad_() for x in Problem(1, 2, 1, 96, 16, 16, 8, 8, torch.float32, seed=4).make()]
 
     def loss(q, k, v, u):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import sparsek_ops
 from sparsek_ops import cpu
-from helpers import Problem, assert_within_model, max_err, reference_run
+from helpers import Problem, assert_within_model, count_calls, max_err, reference_run
 from test_attention import check_against_reference, problems
 
 pytestmark = pytest.mark.skipif("triton" not in sparsek_ops.backends.names(), reason="triton is not installed")
@@ -119,14 +119,7 @@ def test_interpreter_autograd_through_the_backend(monkeypatch):
     """The op's autograd reaches this backward (and its slot sweep)."""
     from sparsek_ops.kernels import backward
 
-    calls = []
-    sweep = backward.add_selected_grads
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return sweep(*args, **kwargs)
-
-    monkeypatch.setattr(backward, "add_selected_grads", spy)
+    calls = count_calls(monkeypatch, backward, "add_selected_grads")
     check_against_reference(Problem(2, 6, 2, 90, 40, 24, 7, 12, torch.float32, seed=5), "triton")
     assert calls == [1]
 
