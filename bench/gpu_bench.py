@@ -37,6 +37,7 @@ from triton.testing import do_bench
 
 import sparsek_ops
 from sparsek_ops.kernels import selection as gpu_selection
+from sparsek_ops.kernels.forward import block_queries
 
 METHODS = ("sparsek", "sdpa", "flex_window", "flex_topk")
 LABELS = {"sparsek": "SPARSEK", "sdpa": "SDPA causal", "flex_window": "Flex window", "flex_topk": "Flex top-k blocks"}
@@ -119,22 +120,22 @@ def measure(S, B, Hkv, topk, window, Hq=16, D=128, dev="cuda") -> dict:
     _, _, flex = _flex()
     masks = {"flex_window": flex_window_mask(S, keys, dev), "flex_topk": flex_topk_mask(S, keys, dev)}
     calls = {
-        "sparsek": lambda q, k, v: sparsek_ops.sparsek_attention(q, k, v, ug, topk=topk, window=window, backend="triton"),
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
-        "flex_window": lambda q, k, v: flex(q, k, v, block_mask=masks["flex_window"], enable_gqa=gqa),
-        "flex_topk": lambda q, k, v: flex(q, k, v, block_mask=masks["flex_topk"], enable_gqa=gqa),
+        "sparsek": lambda q, k, v, u: sparsek_ops.sparsek_attention(q, k, v, u, topk=topk, window=window,
+                                                                     backend="triton"),
+        "sdpa": lambda q, k, v, u: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
+        "flex_window": lambda q, k, v, u: flex(q, k, v, block_mask=masks["flex_window"], enable_gqa=gqa),
+        "flex_topk": lambda q, k, v, u: flex(q, k, v, block_mask=masks["flex_topk"], enable_gqa=gqa),
     }
-    qg, kg, vg, ug = (x.detach().clone().requires_grad_() for x in (q, k, v, u))
+    grad_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, u)]
     for m, fn in calls.items():
         rep = 60 if big else 200
         warm = 10 if big else 50
         with torch.no_grad():
-            r[f"{m}_fwd_ms"] = do_bench(lambda: fn(q, k, v), warmup=warm, rep=rep, return_mode="median")
-        r[f"{m}_fwdbwd_ms"] = do_bench(lambda: fn(qg, kg, vg).backward(do), warmup=warm // 2, rep=rep // 2,
+            r[f"{m}_fwd_ms"] = do_bench(lambda: fn(q, k, v, u), warmup=warm, rep=rep, return_mode="median")
+        r[f"{m}_fwdbwd_ms"] = do_bench(lambda: fn(*grad_inputs).backward(do), warmup=warm // 2, rep=rep // 2,
                                        return_mode="median")
         r[f"{m}_bwd_ms"] = r[f"{m}_fwdbwd_ms"] - r[f"{m}_fwd_ms"]
-    G = Hq // Hkv
-    bm = max(64, 1 << (G - 1).bit_length()) // G  # the forward's queries per block
+    bm = block_queries(D, D, torch.bfloat16, Hq // Hkv)  # the forward's selection, as it calls it
     r["selection_ms"] = do_bench(lambda: gpu_selection.select(u, topk, window, bm, fractional=False),
                                  return_mode="median")
     flops = 4 * S * keys * D * Hq * B

@@ -63,12 +63,15 @@ def test_selection(benchmark, S, Hkv):
     from sparsek_ops import selection as torch_selection
     from sparsek_ops.kernels import selection as gpu_selection
 
+    from sparsek_ops.kernels.forward import block_queries
+
     w = workload(S, Hkv)
     u = w.inputs()[3]
-    sel = gpu_selection.select(u, w.topk, w.window, 64, fractional=False)
-    ref = torch_selection.select(u[:1, :, :4096].cpu(), w.topk, w.window, 64, fractional=False)
+    bm = block_queries(w.D, w.D, w.dtype, w.Hq // Hkv)  # the forward's selection, as it calls it
+    sel = gpu_selection.select(u, w.topk, w.window, bm, fractional=False)
+    ref = torch_selection.select(u[:1, :, :4096].cpu(), w.topk, w.window, bm, fractional=False)
     torch.testing.assert_close(sel.tau[:Hkv, :4096].cpu(), ref.tau, rtol=0, atol=1e-9)
-    timed(benchmark, lambda: gpu_selection.select(u, w.topk, w.window, 64, fractional=False))
+    timed(benchmark, lambda: gpu_selection.select(u, w.topk, w.window, bm, fractional=False))
 
 
 @pytest.mark.parametrize("S,Hkv", CASES)

@@ -190,6 +190,13 @@ def config(D: int, Dv: int, dtype: torch.dtype, G: int) -> Config:
     return Config(64, 32, 8, 2)
 
 
+def block_queries(D: int, Dv: int, dtype: torch.dtype, G: int, cfg: Config | None = None) -> int:
+    """Queries per block of the forward (and the ``block_m`` of its selection) for head dims
+    D, Dv, the input dtype and group size G; ``cfg`` overrides ``config``."""
+    cfg = cfg or config(D, Dv, dtype, G)
+    return common.queries_per_block(common.rows_per_tile(cfg.block_m, G), G)
+
+
 def selection_for(u: Tensor, topk: int, window: int, block_m: int) -> Selection:
     """The one place the forward gets its selection (tau, evict and the gather lists of blocks of
     ``block_m`` queries): the Triton walk on CUDA tensors, the PyTorch search elsewhere."""
@@ -208,7 +215,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
     G = Hq // Hkv
     cfg = cfg or config(D, Dv, q.dtype, G)
     BM = common.rows_per_tile(cfg.block_m, G)
-    BMQ = common.queries_per_block(BM, G)
+    BMQ = block_queries(D, Dv, q.dtype, G, cfg)
     out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     if S == 0 or B * Hkv == 0:
