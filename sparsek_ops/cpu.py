@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selection import Selection, fractional_ranges, select
+from .selection import fractional_ranges, select
 
 BLOCK_M = 64
 SEL_BLOCKS = 2  # the selected part works on blocks of SEL_BLOCKS * BLOCK_M queries (see _Plan)
