@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu
+from . import cache, cpu
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Backend:
     backward: Callable
     devices: tuple[str, ...] | None  # device types it runs on; None: any
     doc: str
+    decode: Callable | None = None  # one decode step over a SparseKCache (cache.decode_torch's signature)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -59,7 +60,7 @@ def resolve(name: str, device: torch.device) -> Backend:
 
 
 register(Backend("torch", cpu.forward, cpu.backward, None,
-                 "PyTorch block kernels (sparsek_ops/cpu.py); any device"))
+                 "PyTorch block kernels (sparsek_ops/cpu.py); any device", decode=cache.decode_torch))
 
 
 def _register_triton() -> None:
@@ -68,6 +69,7 @@ def _register_triton() -> None:
     CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set before import."""
     try:
         from .kernels import backward as triton_backward
+        from .kernels import decode as triton_decode
         from .kernels import forward as triton_forward
     except ImportError:  # no triton on this platform: the backend is simply not offered
         return
@@ -76,7 +78,8 @@ def _register_triton() -> None:
     # H100, bench/NOTES.md; the PyTorch backend host-syncs on CUDA). Not in the interpreter:
     # there "auto" stays the PyTorch backend, which is far faster on CPU.
     register(Backend("triton", triton_forward.forward, triton_backward.backward, devices,
-                     "Triton forward and backward (sparsek_ops/kernels)"), auto_for=("cuda",))
+                     "Triton forward, backward and decode (sparsek_ops/kernels)", decode=triton_decode.decode),
+             auto_for=("cuda",))
 
 
 _register_triton()

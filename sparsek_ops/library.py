@@ -6,6 +6,8 @@
     sparsek::attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k,
                        Tensor v, Tensor u, Tensor out, Tensor lse, int topk, int window,
                        float scale, str backend="auto") -> (Tensor dq, Tensor dk, Tensor dv, Tensor du)
+    sparsek::decode(Tensor q, Tensor k, Tensor v, Tensor u, Tensor(a!) k_win, ..., Tensor(j!) flags,
+                    Tensor pos, int topk, int window, float scale, str backend="auto") -> Tensor out
 
 The ops do not validate their inputs (``api.py`` does, before anything runs). The attention
 autograd calls ``attention_backward``, a second op, so that both sides can be compiled and,
@@ -89,3 +91,26 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ---------------------------------------------------------------------------- decode
+_DECODE_STATE = ("k_win", "v_win", "u_win", "k_sel", "v_sel", "u_sel", "pos_sel", "u_tail", "tau", "flags")
+
+
+@torch.library.custom_op("sparsek::decode", mutates_args=_DECODE_STATE)
+def decode(q: Tensor, k: Tensor, v: Tensor, u: Tensor, k_win: Tensor, v_win: Tensor, u_win: Tensor,
+           k_sel: Tensor, v_sel: Tensor, u_sel: Tensor, pos_sel: Tensor, u_tail: Tensor, tau: Tensor,
+           flags: Tensor, pos: Tensor, topk: int, window: int, scale: float, backend: str = "auto") -> Tensor:
+    """One decode step over a ``SparseKCache``'s state (``cache.py`` has the layout), updated in
+    place; returns out [B, Hq, 1, Dv]. No autograd: generation only."""
+    impl = backends.resolve(backend, q.device).decode
+    if impl is None:
+        raise ValueError(f"backend {backend!r} has no decode step")
+    return impl(q, k, v, u, k_win, v_win, u_win, k_sel, v_sel, u_sel, pos_sel, u_tail, tau, flags, pos,
+                topk, window, scale)
+
+
+@decode.register_fake
+def _decode_fake(q, k, v, u, k_win, v_win, u_win, k_sel, v_sel, u_sel, pos_sel, u_tail, tau, flags, pos,
+                 topk, window, scale, backend="auto"):
+    return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
