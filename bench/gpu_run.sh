@@ -5,8 +5,8 @@
 # reference, the selection against the PyTorch one, determinism, the 128K stress), the Triton
 # kernels under compute-sanitizer at a smaller S (out-of-bounds checks) where the machine has it,
 # the whole CPU suite on that machine's torch (2.11 there: our oldest supported version), then
-# the GPU benchmark suite (bench/test_bench_gpu.py, compared with bench/baselines/) and the GPU
-# report (bench/gpu_bench.py). Every log goes under $OUT. "quick" skips the CPU suite
+# the GPU benchmark suite (bench/test_bench_gpu.py, compared with bench/baselines/), the GPU
+# report (bench/gpu_bench.py) and the decode benchmark (bench/gpu_decode.py). Every log goes under $OUT. "quick" skips the CPU suite
 # and the sanitizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +40,6 @@ python3 -m pytest -q bench/test_bench_gpu.py -p no:cacheprovider --benchmark-sto
   --benchmark-compare=0001 --benchmark-compare-fail=min:40% --benchmark-columns=min,median,rounds 2>&1 \
   | tail -n 30 | tee "$OUT/gpu_bench_suite.log" || status=1
 python3 bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
+python3 bench/gpu_decode.py --out "$OUT" 2>&1 | tee "$OUT/gpu_decode.log" || status=1
 tail -n 3 "$OUT/gpu_tests.log"
 exit $status

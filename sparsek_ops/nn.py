@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import selection
 from .api import sparsek_attention
+from .cache import SparseKCache
 
 # Score gap between neighbours at init: about 1 / SLOPE_INIT = 20 fractional pairs per query. The
 # demo's scorer stayed on the recent band at 0.25 and learned to keep chosen tokens at 0.05
@@ -27,12 +28,16 @@ from .api import sparsek_attention
 SLOPE_INIT = 0.05
 
 
-def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary position embedding of x [B, H, S, hd] (hd even), position = index along S, in the
-    dtype of x (angles in float32)."""
+def rotary(x: Tensor, base: float = 10000.0, start: Tensor | None = None) -> Tensor:
+    """Rotary position embedding of x [B, H, S, hd] (hd even), in the dtype of x (angles in
+    float32). Position = index along S, plus ``start`` ([1] int64 tensor, e.g. a cache's
+    position: a tensor, so that a compiled decode step does not recompile per position)."""
     S, hd = x.shape[-2], x.shape[-1]
     inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
+    pos = torch.arange(S, device=x.device, dtype=torch.float32)
+    if start is not None:
+        pos = pos + start.to(torch.float32)
+    ang = pos[:, None] * inv[None, :]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
@@ -61,14 +66,15 @@ class Projections(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self._name = name
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, start: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``start``: position of x's first token ([1] int64 tensor; default 0)."""
         if x.dim() != 3:
             raise ValueError(f"{self._name}: x must be [batch, seq, d_model], got shape {tuple(x.shape)}")
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return rotary(q, self.rope_base), rotary(k, self.rope_base), v
+        return rotary(q, self.rope_base, start), rotary(k, self.rope_base, start), v
 
     def merge(self, o: Tensor) -> Tensor:
         B, _, S, _ = o.shape
@@ -88,6 +94,11 @@ class SparseKAttention(Projections):
         keep_selection: keep the last call's scores (``last_scores``) for ``selection_mask``.
 
     ``forward(x)``: x [B, S, d_model] -> [B, S, d_model].
+
+    Generation with a constant-size cache (``cache.py``): ``cache = layer.new_cache(B, ...)``,
+    ``y = layer.prefill(x_prompt, cache)`` (the forward, and the cache built from the prompt),
+    then ``y1 = layer.step(x1, cache)`` per token, x1 [B, 1, d_model]: the forward's output at
+    that position, at a cost independent of the position.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, topk: int, window: int,
@@ -104,11 +115,35 @@ class SparseKAttention(Projections):
         self.keep_selection = keep_selection
         self.last_scores: Tensor | None = None
 
-    def scores(self, x: Tensor) -> Tensor:
-        """u [B, n_kv_heads, S] float32 from x [B, S, d_model]."""
+    def scores(self, x: Tensor, start: Tensor | None = None) -> Tensor:
+        """u [B, n_kv_heads, S] float32 from x [B, S, d_model] (``start``: as in ``qkv``)."""
         pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+        if start is not None:
+            pos = pos + start.to(torch.float32)
         u = self.score(x).float() + self.slope.float()[None, None, :] * pos[None, :, None]
         return u.transpose(1, 2)
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None,
+                  tail_capacity: int | None = None) -> SparseKCache:
+        """An empty decode cache for ``batch`` sequences (dtype and device default to the
+        layer's weights')."""
+        w = self.k_proj.weight
+        return SparseKCache(batch, self.n_kv_heads, self.head_dim, topk=self.topk, window=self.window,
+                            dtype=dtype or w.dtype, device=device or w.device, tail_capacity=tail_capacity)
+
+    def prefill(self, x: Tensor, cache: SparseKCache) -> Tensor:
+        """The forward over a prompt x [B, P, d_model], and ``cache`` rebuilt from it."""
+        q, k, v = self.qkv(x)
+        u = self.scores(x)
+        cache.prefill(k, v, u)
+        return self.merge(sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=self.backend))
+
+    def step(self, x: Tensor, cache: SparseKCache) -> Tensor:
+        """One new token x [B, 1, d_model] at the cache's position -> [B, 1, d_model]."""
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"SparseKAttention.step: x must be [batch, 1, d_model], got {tuple(x.shape)}")
+        q, k, v = self.qkv(x, cache.pos)
+        return self.merge(cache.decode(q, k, v, self.scores(x, cache.pos), backend=self.backend))
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x)
