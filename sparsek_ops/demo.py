@@ -321,6 +321,28 @@ def table(runs: list[dict], recall: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sample_text(model: GPT, val: torch.Tensor, args) -> dict:
+    """Generate ``args.sample_bytes`` bytes after a validation prompt (``GPT.generate``: prefill,
+    then one cached step per byte; temperature 0.8, top-k 40, seeded): the text, the decoding
+    speed and the cache bytes, which stay constant for SPARSEK and the window and grow with the
+    length for full attention."""
+    dev = torch.device(args.device)
+    prompt = val[: args.sample_prompt][None].to(dev)
+    n = args.sample_bytes
+    model.eval()
+    t0 = time.perf_counter()
+    out = model.generate(prompt, n, temperature=0.8, top_k=40, generator=torch.Generator(dev).manual_seed(args.seed))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    dt = time.perf_counter() - t0
+    cache_bytes = sum(c.nbytes() for c in model.new_caches(1, prompt.shape[1] + n, device=dev))
+    def text(ids: torch.Tensor) -> str:
+        return bytes(ids.tolist()).decode("utf-8", errors="replace")
+
+    return {"prompt": text(out[0, : prompt.shape[1]]), "text": text(out[0, prompt.shape[1]:]), "bytes": n,
+            "tokens_per_s": n / dt, "cache_bytes": cache_bytes}
+
+
 def worker(kind: str, args, out: Path) -> None:
     """One attention kind in its own process (so that its peak memory is its own): the language
     model, the recall check, and for SPARSEK the selection picture; writes out/run_<kind>.json."""
@@ -330,6 +352,8 @@ def worker(kind: str, args, out: Path) -> None:
     model, run = train_lm(kind, args, train, val_batches)
     if kind == "sparsek":
         run["picture"] = selection_picture(out, model, val, args)
+    if args.sample_bytes > 0:
+        run["sample"] = sample_text(model, val, args)
     run["recall"] = train_recall(kind, args) if args.recall_steps > 0 else None
     with open(out / f"run_{kind}.json", "w") as f:
         json.dump(run, f)
@@ -356,6 +380,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recall-batch", dest="recall_batch", type=int, default=32)
     ap.add_argument("--recall-layers", dest="recall_layers", type=int, default=2,
                     help="layers of the recall check's models (2 suffice for recall)")
+    ap.add_argument("--sample-bytes", dest="sample_bytes", type=int, default=300,
+                    help="bytes each trained model generates after a validation prompt (0: none)")
+    ap.add_argument("--sample-prompt", dest="sample_prompt", type=int, default=120,
+                    help="prompt length of the generated sample (bytes)")
     ap.add_argument("--corpus-mb", dest="corpus_mb", type=float, default=8.0)
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of full,window,sparsek")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -394,6 +422,11 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(result, f, indent=1)
     print()
     print(table(runs, recall))
+    for r in runs:
+        if r.get("sample"):
+            smp = r["sample"]
+            print(f"\n{r['kind']}: {smp['bytes']} bytes generated at {smp['tokens_per_s']:,.0f} bytes/s, "
+                  f"cache {smp['cache_bytes'] / 1024:,.0f} KiB; after the prompt {smp['prompt']!r}:\n{smp['text']!r}")
     print(f"\n{args.steps} steps x {args.batch} x {args.seq} bytes per kind on {args.device}; "
           f"wall {result['wall_s']:.0f} s; wrote {', '.join(str(out / f) for f in result['files'])}")
     return result

@@ -9,7 +9,8 @@ from sparsek_ops import demo
 def test_demo_runs_and_writes_everything(tmp_path, capsys):
     result = demo.main(["--steps", "3", "--seq", "64", "--batch", "2", "--recall-steps", "2", "--recall-batch", "4", "--eval-every", "2",
                         "--eval-batches", "1", "--corpus-mb", "0.5", "--topk", "8", "--window", "8",
-                        "--layers", "1", "--d-model", "32", "--device", "cpu", "--out", str(tmp_path)])
+                        "--layers", "1", "--d-model", "32", "--sample-bytes", "40", "--sample-prompt", "30",
+                        "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert result["op_check_max_abs_error"] < 1e-10
     for name in ("results.json", "loss_curves.png", "selection.png"):
@@ -19,6 +20,11 @@ def test_demo_runs_and_writes_everything(tmp_path, capsys):
     for r in saved["runs"]:
         assert r["val_loss"] > 0 and r["tokens_per_s"] > 0 and r["params"] > 0
         assert len(r["curve"]["train"]) == 3 and r["curve"]["val_step"] == [2, 3]
+    caches = {r["kind"]: r["sample"]["cache_bytes"] for r in saved["runs"]}
+    for r in saved["runs"]:  # each trained model generated its sample through its caches
+        assert r["sample"]["bytes"] == 40 and len(r["sample"]["prompt"]) > 0 and r["sample"]["tokens_per_s"] > 0
+        assert f"{r['kind']}: 40 bytes generated" in out
+    assert caches["window"] < caches["sparsek"]  # window: 8 pairs per head; sparsek: 8 + 8 and scores
     assert [r["kind"] for r in saved["recall"]] == ["full", "window", "sparsek"]
     assert saved["corpus"]["files_train"] > 0 and saved["corpus"]["files_val"] > 0
     assert re.search(r"^\| sparsek \| [\d,]+ \| \d+\.\d{4} \|", out, re.M)
