@@ -243,7 +243,10 @@ class _Selected:
         # gives u - tau = inf, so weight 1, as it should.
         shift = torch.nan_to_num(self.tau64[:, :, :1], nan=0.0, neginf=0.0)
         ct = x.ct
-        self.p = ((self.u64 - shift).to(ct) - (self.tau64 - shift).to(ct)).clamp_(0, 1)
+        p = ((self.u64 - shift).to(ct) - (self.tau64 - shift).to(ct)).clamp_(0, 1)
+        # 0 where not selected: a NaN score gathered for the block must poison only the queries
+        # that select it (the bias makes those logits -inf, but -inf + qk * NaN would be NaN)
+        self.p = p.masked_fill_(self.bad, 0.0)
         self.k = x.kbuf.index_select(0, self.idx).view(nc, -1, x.kbuf.shape[-1])[..., : plan.D]
         self.v = x.vbuf.index_select(0, self.idx).view(nc, -1, x.vbuf.shape[-1])[..., : plan.Dv]
 

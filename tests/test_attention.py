@@ -140,16 +140,18 @@ def test_causality(window):
         torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("window", [0, 5])
-def test_nan_score_poisons_only_queries_that_see_it(window):
+@pytest.mark.parametrize("window,topk", [(0, 4), (5, 4), (5, 100)])
+def test_nan_score_poisons_only_queries_that_see_it(window, topk):
+    """topk = 100 > S: every candidate is selected, so the NaN pair is in the gather list of
+    queries that cannot see it yet (it must not poison them)."""
     q, k, v, u = _inputs(S=64)
     bad = 20
     u_nan = u.clone()
     u_nan[:, 0, bad] = float("nan")
-    out = sparsek_ops.sparsek_attention(q, k, v, u_nan, topk=4, window=window)
+    out = sparsek_ops.sparsek_attention(q, k, v, u_nan, topk=topk, window=window)
     clean = u.clone()
     clean[:, 0, bad] = 0.0
-    ref = sparsek_ops.sparsek_attention(q, k, v, clean, topk=4, window=window)
+    ref = sparsek_ops.sparsek_attention(q, k, v, clean, topk=topk, window=window)
     sees = torch.arange(64) >= bad + window
     G = 2
     for h in range(4):
@@ -158,7 +160,7 @@ def test_nan_score_poisons_only_queries_that_see_it(window):
             torch.testing.assert_close(out[:, h, ~sees], ref[:, h, ~sees], rtol=0, atol=0)
         else:
             torch.testing.assert_close(out[:, h], ref[:, h], rtol=0, atol=0)
-    r_out, _ = reference.attention(q, k, v, u_nan, 4, window)
+    r_out, _ = reference.attention(q, k, v, u_nan, topk, window)
     assert torch.equal(r_out.isnan(), out.isnan())
 
 
