@@ -103,11 +103,17 @@ def decode(q: Tensor, k: Tensor, v: Tensor, u: Tensor, k_win: Tensor, v_win: Ten
            flags: Tensor, pos: Tensor, topk: int, window: int, scale: float, backend: str = "auto") -> Tensor:
     """One decode step over a ``SparseKCache``'s state (``cache.py`` has the layout), updated in
     place; returns out [B, Hq, 1, Dv]. No autograd: generation only."""
-    impl = backends.resolve(backend, q.device).decode
+    return decode_impl(backend, q, k, v, u, k_win, v_win, u_win, k_sel, v_sel, u_sel, pos_sel, u_tail, tau,
+                       flags, pos, topk, window, scale)
+
+
+def decode_impl(backend: str, *args):
+    """The op's implementation: the backend's decode step on ``args`` (the op's arguments, less
+    ``backend``). ``SparseKCache.decode`` calls it directly in eager mode (see there)."""
+    impl = backends.resolve(backend, args[0].device).decode
     if impl is None:
         raise ValueError(f"backend {backend!r} has no decode step")
-    return impl(q, k, v, u, k_win, v_win, u_win, k_sel, v_sel, u_sel, pos_sel, u_tail, tau, flags, pos,
-                topk, window, scale)
+    return impl(*args)
 
 
 @decode.register_fake
