@@ -117,4 +117,9 @@ def test_cuda_graph_generate_equals_eager(kind):
     graphed = m.generate(prompt, 48, temperature=0, compile=True)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert torch.equal(graphed, eager)
+    graphs = counters["stats"]["unique_graphs"]
+    other = prompt.flip(1)
+    again = m.generate(other, 48, temperature=0, compile=True)  # new caches (same shapes), another prompt
+    assert counters["stats"]["unique_graphs"] == graphs, "a second generate() compiled the step again"
+    assert torch.equal(again, m.generate(other, 48, temperature=0))
     assert torch.equal(eager.cpu(), greedy_by_recompute(m.cpu(), prompt.cpu(), 48))
