@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
+import pytest
 import torch
 
 from sparsek_ops import reference
@@ -102,3 +105,19 @@ def count_calls(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, spy)
     return calls
+
+
+# Triton's interpreter serves only where there is no GPU (conftest sets TRITON_INTERPRET=1 then).
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(),
+                                       reason="the interpreter runs only where there is no GPU; see the gpu tests")
+
+
+@contextmanager
+def launch_config(module, cfg):
+    """Make ``module.config`` (a kernel module's launch-configuration chooser) return cfg, so
+    short test inputs still cover many tiles or splits; None: the kernel's own choice."""
+    if cfg is None:
+        yield
+        return
+    with mock.patch.object(module, "config", lambda *args: cfg):
+        yield

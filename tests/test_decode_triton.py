@@ -17,8 +17,6 @@ the kernel's own configs, at the sizes it is built for, and under CUDA-graph cap
 """
 
 import functools
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from hypothesis import strategies as st
 import sparsek_ops
 from sparsek_ops import cache
 from sparsek_ops.cache import SparseKCache
-from helpers import ATOL, Problem
+from helpers import ATOL, Problem, launch_config, needs_interpreter
 
 pytestmark = [
     pytest.mark.skipif("triton" not in sparsek_ops.backends.names(), reason="triton is not installed"),
@@ -44,19 +42,6 @@ if "triton" in sparsek_ops.backends.names():
 
     # (block_n, keys_per_split): 1 or 2 chunks per split, splits of 16 or 32 keys
     SPLITS = [None, dec.Config(16, 16), dec.Config(16, 32), dec.Config(32, 32)]
-
-needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(),
-                                       reason="the interpreter runs only where there is no GPU; see the gpu tests")
-
-
-@contextmanager
-def splits(cfg):
-    """Run the triton decode with launch configuration cfg (None: the kernel's own)."""
-    if cfg is None:
-        yield
-        return
-    with mock.patch.object(dec, "config", lambda *args: cfg):
-        yield
 
 
 # ------------------------------------------------------------------ the harness
@@ -117,7 +102,7 @@ def parallel64(q, k, v, u, topk, window):
 
 def check_decode(prob: Problem, prefix: int, tail_capacity=None, cfg=None):
     q, k, v, u = prob.make()
-    with splits(cfg):
+    with launch_config(dec, cfg):
         (got, lowp), _ = decode_both(q, k, v, u, prob.topk, prob.window, prefix, tail_capacity)
     ref64 = parallel64(q, k, v, u, prob.topk, prob.window)[:, :, prefix:]
     assert_outputs(got, lowp, ref64, prob.dtype, f"{prob}, prefix {prefix}")
@@ -183,7 +168,7 @@ def test_interpreter_tail_overflow_sets_the_flag_as_torch(tail_capacity):
     flags (and tau, now inexact) agree with the torch path after every step."""
     prob = Problem(1, 4, 2, 40, 16, 16, 6, 3, torch.float32, scores="ties", seed=tail_capacity)
     q, k, v, u = prob.make()
-    with splits(SPLITS[1]):
+    with launch_config(dec, SPLITS[1]):
         (got, lowp), (tri, _) = decode_both(q, k, v, u, prob.topk, prob.window, 10, tail_capacity)
     torch.testing.assert_close(got, lowp, rtol=0, atol=1e-5)
     assert not tri.exact()
@@ -196,7 +181,7 @@ NAN_PREFIX = 12
 def _clean_run(window: int):
     prob = Problem(1, 4, 2, 36, 16, 16, 5, window, torch.float32, seed=9)
     q, k, v, u = prob.make()
-    with splits(SPLITS[2]):
+    with launch_config(dec, SPLITS[2]):
         (out, _), _ = decode_both(q, k, v, u, 5, window, NAN_PREFIX)
     return (q, k, v, u), out
 
@@ -217,7 +202,7 @@ def test_interpreter_non_finite_score_poisons_from_the_step_it_becomes_a_candida
     (q, k, v, u), clean = _clean_run(window)
     u_bad = u.clone()
     u_bad[0, 0, at] = bad
-    with splits(SPLITS[2]):
+    with launch_config(dec, SPLITS[2]):
         (got, _), _ = decode_both(q, k, v, u_bad, 5, window, NAN_PREFIX)
     poisoned = torch.zeros_like(got, dtype=torch.bool)
     poisoned[0, :2, max(0, at + window - NAN_PREFIX):] = True
@@ -241,7 +226,7 @@ def test_interpreter_strided_inputs_give_the_same_bits():
     q2, k2, v2 = (strided(x) for x in (q, k, v))
     u2 = torch.stack([u, u], -1)[..., 1]
     assert not any(x.is_contiguous() for x in (q2, k2, v2, u2))
-    with splits(SPLITS[1]):
+    with launch_config(dec, SPLITS[1]):
         (a, _), (tri_a, _) = decode_both(q, k, v, u, 5, 4, 8)
         (b, _), (tri_b, _) = decode_both(q2, k2, v2, u2, 5, 4, 8)
     assert torch.equal(a, b)

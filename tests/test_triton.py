@@ -8,8 +8,6 @@ gather list and all three runs of the window span (masked edges, unmasked middle
 tests run on CUDA with the kernel's own configs.
 """
 
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from hypothesis import strategies as st
 
 import sparsek_ops
 from sparsek_ops import reference, selection
-from helpers import Problem, assert_within_model
+from helpers import Problem, assert_within_model, launch_config, needs_interpreter
 from test_attention import check_against_reference, problems
 
 pytestmark = pytest.mark.skipif("triton" not in sparsek_ops.backends.names(), reason="triton is not installed")
@@ -30,25 +28,12 @@ if "triton" in sparsek_ops.backends.names():
     # by rows_per_tile.
     SMALL = [fwd.Config(16, 16, 4, 1), fwd.Config(32, 16, 4, 1, lazy_rescale=True), fwd.Config(64, 32, 4, 1)]
 
-needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(),
-                                       reason="the interpreter runs only where there is no GPU; see the gpu tests")
-
-
-@contextmanager
-def tiles(cfg):
-    """Run the triton backend with the launch configuration cfg (None: the kernel's own)."""
-    if cfg is None:
-        yield
-        return
-    with mock.patch.object(fwd, "config", lambda *args: cfg):
-        yield
-
 
 @needs_interpreter
 @settings(max_examples=14)
 @given(prob=problems(dtypes=(torch.float32, torch.float16), max_s=70), cfg=st.sampled_from([0, 1, 2]))
 def test_interpreter_matches_reference(prob, cfg):
-    with tiles(SMALL[cfg]):
+    with launch_config(fwd, SMALL[cfg]):
         check_against_reference(prob, "triton")
 
 
@@ -82,7 +67,7 @@ CASES = {
 def test_interpreter_cases(case):
     B, G, Hkv, S, D, Dv, topk, window, dtype, cfg, contiguous = CASES[case]
     prob = Problem(B, G * Hkv, Hkv, S, D, Dv, topk, window, dtype, contiguous=contiguous, seed=len(case) + S)
-    with tiles(None if cfg is None else SMALL[cfg]):
+    with launch_config(fwd, None if cfg is None else SMALL[cfg]):
         check_against_reference(prob, "triton")
 
 
@@ -90,7 +75,7 @@ def test_interpreter_cases(case):
 @pytest.mark.parametrize("scores", ["ties", "large", "plateau"])
 def test_interpreter_score_kinds(scores):
     prob = Problem(1, 2, 1, 90, 16, 16, 8, 10, torch.float32, scores=scores, seed=5)
-    with tiles(SMALL[0]):
+    with launch_config(fwd, SMALL[0]):
         check_against_reference(prob, "triton")
 
 
@@ -99,7 +84,7 @@ def test_interpreter_score_kinds(scores):
 def test_interpreter_score_dtypes(u_dtype):
     q, k, v, u = Problem(1, 2, 1, 60, 16, 16, 6, 7, torch.float32, seed=2).make()
     u = u.to(u_dtype)
-    with tiles(SMALL[0]):
+    with launch_config(fwd, SMALL[0]):
         out, lse = sparsek_ops.sparsek_attention(q, k, v, u, topk=6, window=7, return_lse=True, backend="triton")
     r_out, r_lse = reference.attention(q.double(), k.double(), v.double(), u.double(), 6, 7)
     torch.testing.assert_close(out.double(), r_out, rtol=0, atol=1e-5)
@@ -119,7 +104,7 @@ def test_non_finite_score_poisons_exactly_the_queries_that_see_it(bad, window):
     u = -u.abs() - 1
     u_bad = u.clone()
     u_bad[0, 0, pos] = bad
-    with tiles(SMALL[0] if device == "cpu" else None):
+    with launch_config(fwd, SMALL[0] if device == "cpu" else None):
         out, lse = sparsek_ops.sparsek_attention(q, k, v, u_bad, topk=topk, window=window, return_lse=True,
                                                  backend="triton")
     r_out, r_lse = reference.attention(*(x.cpu().double() for x in (q, k, v, u_bad)), topk, window)
