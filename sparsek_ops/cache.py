@@ -60,7 +60,27 @@ def default_tail_capacity(topk: int) -> int:
 
 
 # ---------------------------------------------------------------------------- the state
-class SparseKCache:
+class StateTensors:
+    """A decode cache's tensors, named by ``TENSORS``: listing, bytes, static addresses."""
+
+    TENSORS: tuple[str, ...] = ()
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self.TENSORS]
+
+    def nbytes(self) -> int:
+        """Bytes of all state tensors."""
+        return sum(x.numel() * x.element_size() for x in self.tensors())
+
+    def mark_static(self):
+        """Tell dynamo the state tensors keep their addresses, so that a step compiled with
+        ``mode="reduce-overhead"`` (CUDA graphs) may update them in place."""
+        for x in self.tensors():
+            torch._dynamo.mark_static_address(x)
+        return self
+
+
+class SparseKCache(StateTensors):
     """The decode state of one SPARSEK attention layer (the module docstring has the layout).
 
     Args:
@@ -116,9 +136,6 @@ class SparseKCache:
     def device(self) -> torch.device:
         return self.pos.device
 
-    def tensors(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self.TENSORS]
-
     def reset(self) -> None:
         """Back to an empty sequence (in place: compiled steps and CUDA graphs keep working)."""
         for x in (self.k_win, self.v_win, self.u_win, self.k_sel, self.v_sel, self.flags, self.pos):
@@ -126,13 +143,6 @@ class SparseKCache:
         for x in (self.u_sel, self.u_tail, self.tau):
             x.fill_(EMPTY)
         self.pos_sel.fill_(-1)
-
-    def mark_static(self) -> "SparseKCache":
-        """Tell dynamo the state tensors keep their addresses, so that a step compiled with
-        ``mode="reduce-overhead"`` (CUDA graphs) may update them in place."""
-        for x in self.tensors():
-            torch._dynamo.mark_static_address(x)
-        return self
 
     # -- what it holds (these read values: a host sync on CUDA) --------------------------
     def length(self) -> int:
@@ -148,10 +158,6 @@ class SparseKCache:
     def exact(self) -> bool:
         """False once the tail overflowed for some sequence and head (tau inexact from then on)."""
         return not bool((self.flags & OVERFLOW).any())
-
-    def nbytes(self) -> int:
-        """Bytes of all state tensors: constant, whatever the length."""
-        return sum(x.numel() * x.element_size() for x in self.tensors())
 
     # -- filling it -------------------------------------------------------------------------
     def prefill(self, k: Tensor, v: Tensor, u: Tensor) -> None:

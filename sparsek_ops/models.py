@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import sparsek_attention
-from .cache import SparseKCache
+from .cache import SparseKCache, StateTensors
 from .nn import SLOPE_INIT, Projections, SparseKAttention
 
 KINDS = ("full", "window", "sparsek")
@@ -44,26 +44,17 @@ class GPTConfig:
     backend: str = "auto"
 
 
-class DenseKVCache:
+class DenseKVCache(StateTensors):
     """Every position's keys and values, for dense causal decoding (the ``"full"`` baseline):
     k [B, H, max_len, D], v [B, H, max_len, D], pos [1] int64 (the next position)."""
+
+    TENSORS = ("k", "v", "pos")
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device=None):
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)
         self.max_len = max_len
-
-    def tensors(self) -> list[Tensor]:
-        return [self.k, self.v, self.pos]
-
-    def mark_static(self) -> "DenseKVCache":
-        for x in self.tensors():
-            torch._dynamo.mark_static_address(x)
-        return self
-
-    def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in self.tensors())
 
     def prefill(self, k: Tensor, v: Tensor) -> None:
         P = k.shape[2]
@@ -93,15 +84,25 @@ class DenseAttention(Projections):
         super().__init__(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, name="DenseAttention")
         self.cfg = cfg
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        """x [B, S, d_model] -> [B, S, d_model]; with ``cache``, also rebuild it from x (``prefill``)."""
         c = self.cfg
         q, k, v = self.qkv(x)
         if c.attention == "full":
+            if cache is not None:
+                cache.prefill(k, v)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_heads != c.n_kv_heads)
         else:
-            u = torch.zeros(x.shape[0], c.n_kv_heads, x.shape[1], device=x.device)  # unused with topk = 0
+            u = self._no_scores(k)
+            if cache is not None:
+                cache.prefill(k, v, u)
             o = sparsek_attention(q, k, v, u, topk=0, window=c.window, backend=c.backend)
         return self.merge(o)
+
+    @staticmethod
+    def _no_scores(k: Tensor) -> Tensor:
+        """Scores for the window kind (the op with topk = 0 never reads them): zeros [B, H, S]."""
+        return torch.zeros(k.shape[:3], device=k.device)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None):
         w = self.k_proj.weight
@@ -112,19 +113,13 @@ class DenseAttention(Projections):
                             dtype=dtype, device=device)
 
     def prefill(self, x: Tensor, cache) -> Tensor:
-        q, k, v = self.qkv(x)
-        if self.cfg.attention == "full":
-            cache.prefill(k, v)
-        else:
-            cache.prefill(k, v, torch.zeros(k.shape[:3], device=x.device))
-        return self.forward(x)
+        return self.forward(x, cache)
 
     def step(self, x: Tensor, cache) -> Tensor:
         q, k, v = self.qkv(x, cache.pos)
         if self.cfg.attention == "full":
             return self.merge(cache.decode(q, k, v))
-        u = torch.zeros(k.shape[:3], device=x.device)  # unused with topk = 0
-        return self.merge(cache.decode(q, k, v, u, backend=self.cfg.backend))
+        return self.merge(cache.decode(q, k, v, self._no_scores(k), backend=self.cfg.backend))
 
 
 class Block(nn.Module):
@@ -258,8 +253,8 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         srt, idx = logits.sort(-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) >= top_p  # the tokens after the set reaches top_p
+        probs = srt.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens after the set reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -28,16 +28,20 @@ from .cache import SparseKCache
 SLOPE_INIT = 0.05
 
 
+def positions(S: int, device, start: Tensor | None = None) -> Tensor:
+    """Positions of S consecutive tokens, [S] float32: the index, plus ``start`` ([1] int64
+    tensor, e.g. a cache's position: a tensor, so that a compiled decode step does not
+    recompile per position)."""
+    pos = torch.arange(S, device=device, dtype=torch.float32)
+    return pos if start is None else pos + start.to(torch.float32)
+
+
 def rotary(x: Tensor, base: float = 10000.0, start: Tensor | None = None) -> Tensor:
     """Rotary position embedding of x [B, H, S, hd] (hd even), in the dtype of x (angles in
-    float32). Position = index along S, plus ``start`` ([1] int64 tensor, e.g. a cache's
-    position: a tensor, so that a compiled decode step does not recompile per position)."""
+    float32), at ``positions(S, start)``."""
     S, hd = x.shape[-2], x.shape[-1]
     inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    pos = torch.arange(S, device=x.device, dtype=torch.float32)
-    if start is not None:
-        pos = pos + start.to(torch.float32)
-    ang = pos[:, None] * inv[None, :]
+    ang = positions(S, x.device, start)[:, None] * inv[None, :]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
@@ -117,9 +121,7 @@ class SparseKAttention(Projections):
 
     def scores(self, x: Tensor, start: Tensor | None = None) -> Tensor:
         """u [B, n_kv_heads, S] float32 from x [B, S, d_model] (``start``: as in ``qkv``)."""
-        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
-        if start is not None:
-            pos = pos + start.to(torch.float32)
+        pos = positions(x.shape[1], x.device, start)
         u = self.score(x).float() + self.slope.float()[None, None, :] * pos[None, :, None]
         return u.transpose(1, 2)
 
@@ -133,10 +135,7 @@ class SparseKAttention(Projections):
 
     def prefill(self, x: Tensor, cache: SparseKCache) -> Tensor:
         """The forward over a prompt x [B, P, d_model], and ``cache`` rebuilt from it."""
-        q, k, v = self.qkv(x)
-        u = self.scores(x)
-        cache.prefill(k, v, u)
-        return self.merge(sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=self.backend))
+        return self.forward(x, cache)
 
     def step(self, x: Tensor, cache: SparseKCache) -> Tensor:
         """One new token x [B, 1, d_model] at the cache's position -> [B, 1, d_model]."""
@@ -145,11 +144,14 @@ class SparseKAttention(Projections):
         q, k, v = self.qkv(x, cache.pos)
         return self.merge(cache.decode(q, k, v, self.scores(x, cache.pos), backend=self.backend))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: SparseKCache | None = None) -> Tensor:
+        """x [B, S, d_model] -> [B, S, d_model]; with ``cache``, also rebuild it from x (``prefill``)."""
         q, k, v = self.qkv(x)
         u = self.scores(x)
         if self.keep_selection:
             self.last_scores = u.detach()
+        if cache is not None:
+            cache.prefill(k, v, u)
         return self.merge(sparsek_attention(q, k, v, u, topk=self.topk, window=self.window, backend=self.backend))
 
     def selection_mask(self) -> Tensor:
