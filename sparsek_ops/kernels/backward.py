@@ -197,6 +197,29 @@ def _bwd_window_keys(
              mask=valid[:, None] & (offs_dv[None, :] < DV_))
 
 
+@triton.jit
+def _bwd_shift(DO, O, DLSE, SHIFT, N, Hq, S, sdb, sdh, sds, sdd, sob, soh, sos, sod,
+               DV_: tl.constexpr, BDV: tl.constexpr, HAS_DLSE: tl.constexpr, BR: tl.constexpr):
+    """SHIFT [B, Hq, S] (float32, contiguous) = dlse - do . o per query row, the dots in float32
+    from the input dtype; DLSE contiguous [B, Hq, S] when HAS_DLSE. One pass over do and o, as
+    FlashAttention's preprocess: no float32 copies of them."""
+    row = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = row < N
+    r = tl.where(ok, row, 0)
+    s_ = (r % S).to(tl.int64)
+    bh = r // S
+    hq = (bh % Hq).to(tl.int64)
+    b = (bh // Hq).to(tl.int64)
+    offs = tl.arange(0, BDV)
+    m = ok[:, None] & (offs[None, :] < DV_)
+    do = tl.load(DO + (b * sdb + hq * sdh + s_ * sds)[:, None] + offs[None, :] * sdd, mask=m, other=0.0)
+    o = tl.load(O + (b * sob + hq * soh + s_ * sos)[:, None] + offs[None, :] * sod, mask=m, other=0.0)
+    sh = -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        sh += tl.load(DLSE + row, mask=ok, other=0.0).to(tl.float32)
+    tl.store(SHIFT + row, sh, mask=ok)
+
+
 def _tiles(BD: int, BDV: int) -> tuple[int, int, int]:
     """(requested tile rows, keys per tile, pipeline stages) of the window and slot sweeps for
     padded head dims BD, BDV: 64, 64 and 2 up to 128; 32, 32 and 1 above, so that the q, do, k, v
@@ -253,10 +276,13 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     has_sel, has_win = topk > 0, window > 0
 
     # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
-    shift = torch.linalg.vecdot(grad_out.float(), out.float()).neg_()
-    if grad_lse is not None:
-        shift = shift.add_(grad_lse.float())
-    shift = shift.contiguous()
+    shift = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
+    dlse = grad_lse.contiguous() if grad_lse is not None else shift
+    BR = max(1, 4096 // BDV)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _bwd_shift[(triton.cdiv(B * Hq * S, BR),)](
+            grad_out, out, dlse, shift, B * Hq * S, Hq, S, *grad_out.stride(), *out.stride(),
+            DV_=Dv, BDV=BDV, HAS_DLSE=grad_lse is not None, BR=BR)
     lse32 = lse.float().contiguous()
     u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_shift, clip01, load_rows, tile_rows
+from .common import block_shift32, clip01_num, load_rows, tile_rows
 
 # Launch config of the slot sweep (BS slots x BM query rows per tile): measured on the H100 at
 # S = 32K, D = 128 (bench/gpu_slots.py; wider tiles spill registers and run 2-3x slower).
@@ -96,6 +96,13 @@ def _segment_lanes(EVICT, SLOT, LANES, S, NL, NZ, SEGQ, topk, window, BLOCK: tl.
 
 
 @triton.jit
+def _in_interval_t(qi, lo, n):
+    """[BS, BM] ``lo_s <= qi < lo_s + n_s``: ``common.in_interval`` for the transposed tiles (one
+    unsigned compare per element)."""
+    return (qi[None, :] - lo[:, None]).to(tl.uint32, bitcast=True) < n[:, None].to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _flush(DK, DV, DU, rows, m, acc_k, acc_v, acc_u, scale,
            D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
     """DK[rows] += acc_k * scale, DV[rows] += acc_v, DU[rows] += acc_u where m [BS] (rows int64:
@@ -143,13 +150,16 @@ def _bwd_slot_sweep(
     """Adds the selected pairs' dk (times scale), dv and du's first term from the query blocks
     *after* the block each pair enters in (ENTRY: from that block alone; then the lanes are BS
     consecutive positions, one segment, and every pair is flushed at the end) into DK [R, S, D],
-    DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted within the segment, and parks the sums of the pairs still in their slots at its end in
-    CK [R, NZ-1, NL, D], CV [R, NZ-1, NL, DV], CU [R, NZ-1, NL] (segments but the last).
+    DV [R, S, DV] (float32) and DU [R, S] (float64) for the pairs evicted within the segment,
+    and parks the sums of the pairs still in their slots at its end in CK [R, NZ-1, NL, D],
+    CV [R, NZ-1, NL, DV], CU [R, NZ-1, NL] (segments but the last).
 
     So a slot's pair changes only between query blocks: in block [qs, qe) slot s works for the
     pair that entered before qs and is evicted after it, if any, and the tile is one dense pass.
     Tiles are transposed (slots x query rows, as FlexAttention's key-side loop) so that the dk,
-    dv dots take them as they are."""
+    dv dots take them as they are. Per score, the query kernel's float32 arithmetic: weights
+    from scores and thresholds shifted by a float32 block constant (``weights32``), one
+    unsigned compare per interval (``in_interval``)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -182,12 +192,15 @@ def _bwd_slot_sweep(
         # Blocks before any slot's pair has entered have nothing to do.
         qb0 = tl.maximum(z * SEGB, tl.min(tl.where(cur >= 0, cur + window, S), 0) // BMQ + 1)
         qb1 = tl.minimum(z * SEGB + SEGB, tl.cdiv(S, BMQ))
+    # The first query at which some slot's pair is complete: one scalar test per block, the
+    # tile-wide reduction only when a slot changes.
+    next_end = tl.min(tl.where(cur >= 0, ev, S), 0)
     for qb in range(qb0, qb1):
         qs = qb * BMQ
         # Pairs evicted by qs are complete: flush them, then follow each slot's chain to the
         # pair that holds it at qs (pairs entering and leaving within one block have no part here).
-        ended = (cur >= 0) & (ev <= qs) & (not ENTRY)
-        if tl.max(ended.to(tl.int32), 0) > 0:
+        if (not ENTRY) and next_end <= qs:
+            ended = (cur >= 0) & (ev <= qs)
             _flush(DK, DV, DU, r64 * S + tl.maximum(cur, 0).to(tl.int64), ended, acc_k, acc_v, acc_u, scale,
                    D, DV_, BD, BDV)
             acc_k = tl.where(ended[:, None], 0.0, acc_k)
@@ -208,33 +221,35 @@ def _bwd_slot_sweep(
             uj = tl.where(changed, un, uj)
             f0 = tl.where(changed, f0n, f0)
             f1 = tl.where(changed, f1n, f1)
-        # Slots whose pair entered before this block (its entry block is ENTRY's); every row is
-        # past the entry (j + window < qs <= i), so only the eviction cuts.
-        if ENTRY:  # the pairs entering in this block, from their entry on
-            use = (cur >= 0) & ((cur + window) // BMQ == qb)
+            next_end = tl.min(tl.where(cur >= 0, ev, S), 0)
+        # Slot s serves the queries [lo_s, lo_s + n_s): from its pair's entry (before this
+        # block, except for ENTRY's pairs entering in it) to its eviction (clamped to S).
+        if ENTRY:
+            lo = cur + window
+            n = tl.where((cur >= 0) & (lo // BMQ == qb), ev - lo, 0)
         else:
-            use = (cur >= 0) & (cur + window < qs)
+            lo = tl.where(cur >= 0, cur + window, qs)
+            n = tl.where((cur >= 0) & (lo < qs), ev - lo, 0)
         qi, g, real = tile_rows(qb, S, BM, G)
         q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
                                    sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
-        shift_b = block_shift(TAU + r64 * S, qb, S, BMQ)
-        # per-row values cost many registers in this layout: tau as one float32 vector
-        tau_s = (tl.load(TAU + r64 * S + tl.minimum(qi, S - 1)) - shift_b).to(tl.float32)
-        selT = use[:, None] & (qi[None, :] < ev[:, None]) & real[None, :]
-        if ENTRY:
-            selT = selT & (qi[None, :] >= cur[:, None] + window)
-        pT = tl.where(selT, clip01((uj - shift_b).to(tl.float32)[:, None] - tau_s[None, :]), 0.0)
+        qi = tl.where(real, qi, S)  # padding rows select nothing (n ends by S)
+        shift32 = block_shift32(TAU + r64 * S, qb, S, BMQ)
+        tau_s = (tl.load(TAU + r64 * S + tl.minimum(qi, S - 1)) - shift32.to(tl.float64)).to(tl.float32)
+        u_s = (uj - shift32.to(tl.float64)).to(tl.float32)
+        selT = _in_interval_t(qi, lo, n)
+        pT = tl.where(selT, clip01_num(u_s[:, None] - tau_s[None, :]), 0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        # a is masked again: lse is NaN on a poisoned query's row, and 0 * NaN is NaN there
         aT = tl.where(selT, tl.exp(qkT * pT - lse[None, :]), 0.0)
-        tT = dpT * pT + sh[None, :]
+        tT = tl.where(selT, aT * (dpT * pT + sh[None, :]), 0.0)
         acc_v += tl.dot((aT * pT).to(do.dtype), do, input_precision=PRECISION)
-        # masked again: shift is NaN on a poisoned query's row, and 0 * NaN is NaN
-        acc_k += tl.dot(tl.where(selT, aT * tT * pT, 0.0).to(q.dtype), q, input_precision=PRECISION)
-        # dL/dp = a (dp + qk (p dp + shift)) on T_i ∩ F_i (F by the ranges of FRAC, as
-        # |F_i|); float32 over the block's rows, float64 across blocks
-        frT = selT & (qi[None, :] >= f0[:, None]) & (qi[None, :] < f1[:, None])
-        acc_u += tl.sum(tl.where(frT, aT * (dpT + qkT * tT), 0.0), 1).to(tl.float64)
+        acc_k += tl.dot((tT * pT).to(q.dtype), q, input_precision=PRECISION)
+        # dL/dp = a dp + qk a (p dp + shift) on T_i ∩ F_i (F by the ranges of FRAC, as |F_i|);
+        # float32 over the block's rows, float64 across blocks
+        frT = selT & _in_interval_t(qi, f0, f1 - f0)
+        acc_u += tl.sum(tl.where(frT, aT * dpT + qkT * tT, 0.0), 1).to(tl.float64)
     # Segment end: pairs evicted by its end are complete, the others' sums are parked.
     zb = tl.minimum(qb1 * BMQ, S)
     ended = (cur >= 0) & ((ev <= zb) | ENTRY)
