@@ -6,6 +6,7 @@ standard workload. Diagnostics for tuning, not a regression benchmark.
 """
 
 import argparse
+import importlib
 import json
 import os
 
@@ -24,6 +25,8 @@ def main():
     ap.add_argument("--Hkv", type=int, default=16)
     ap.add_argument("--slope", type=float, default=0.0)
     ap.add_argument("--configs", default="64:64:4:1,64:64:8:1,128:64:8:1,64:32:4:1,128:32:8:1,64:64:8:2")
+    ap.add_argument("--variants", default="sparsek_ops.kernels.slots",
+                    help="comma-separated module[+FLAG=1...]: slots modules to time, with extra constexprs")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     S, Hq, Hkv, D, topk, window = a.S, 16, a.Hkv, 128, 1024, 1024
@@ -45,27 +48,36 @@ def main():
     f_lo, f_hi = fractional_ranges(tau, u64, window)
     frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
     rows = []
-    for cfg in a.configs.split(","):
-        bm, bs, warps, stages = (int(x) for x in cfg.split(":"))
-        slots.SLOTS_PER_TILE = bs
-        slots.SWEEP_WARPS, slots.SWEEP_STAGES = warps, stages
-        BM = max(bm, G)
-        meta = dict(G=G, D=D, DV_=D, BD=D, BDV=D, BM=BM, PRECISION="tf32", num_stages=stages, num_warps=warps)
-        dk = torch.zeros(R, S, D, device=dev)
-        dv = torch.zeros(R, S, D, device=dev)
-        du = torch.zeros(R, S, device=dev, dtype=torch.float64)
+    ref = None
+    for variant in a.variants.split(","):
+        name, *flags = variant.split("+")
+        mod = importlib.import_module(name)
+        extra = {f.split("=")[0]: bool(int(f.split("=")[1])) for f in flags}
+        for cfg in a.configs.split(","):
+            bm, bs, warps, stages = (int(x) for x in cfg.split(":"))
+            mod.SLOTS_PER_TILE = bs
+            mod.SWEEP_WARPS, mod.SWEEP_STAGES = warps, stages
+            BM = max(bm, G)
+            meta = dict(G=G, D=D, DV_=D, BD=D, BDV=D, BM=BM, PRECISION="tf32", num_stages=stages, **extra)
+            dk = torch.zeros(R, S, D, device=dev)
+            dv = torch.zeros(R, S, D, device=dev)
+            du = torch.zeros(R, S, device=dev, dtype=torch.float64)
 
-        def run():
-            slots.add_selected_grads(q, k, v, do, lse, shift, u64, tau, evict, frac, dk, dv, du, topk, window,
-                                     D ** -0.5, meta)
-        run()
-        ms = triton.testing.do_bench(run, warmup=5, rep=50)
-        kern = slots._bwd_slot_sweep.device_caches[torch.cuda.current_device()][0]
-        info = {}
-        for ck in kern.values():
-            info = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None))
-        rows.append(dict(config=cfg, ms=round(ms, 3), **info))
-        print(rows[-1], flush=True)
+            def run():
+                mod.add_selected_grads(q, k, v, do, lse, shift, u64, tau, evict, frac, dk, dv, du, topk, window,
+                                       D ** -0.5, meta)
+            run()
+            got = (dk.clone(), dv.clone(), du.clone())
+            if ref is None:
+                ref = got
+            err = [float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(got, ref)]
+            ms = triton.testing.do_bench(run, warmup=5, rep=50)
+            info = {}
+            for ck in mod._bwd_slot_sweep.device_caches[torch.cuda.current_device()][0].values():
+                info = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None))
+            rows.append(dict(variant=variant, config=cfg, ms=round(ms, 3), rel_err_vs_first=[f"{e:.1e}" for e in err],
+                             **info))
+            print(rows[-1], flush=True)
     with open(os.path.join(a.out, f"gpu_slots_{S}_{Hkv}.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
