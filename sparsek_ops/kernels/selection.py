@@ -585,7 +585,13 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     # The first non-finite position of each row (S if none): it poisons every later prefix.
     first_bad = torch.where(bad, torch.arange(S, device=dev), S).amin(1).to(torch.int32)
     # Scores in rank order (descending, ties to the earlier position), then the breakpoints.
-    vals, order = torch.sort(uc, dim=1, descending=True, stable=True)
+    # float32 scores sort as float32 (the same order; half the radix passes of float64).
+    if u.dtype == torch.float32:
+        u32 = u.detach().reshape(R, S)
+        vals, order = torch.sort(torch.where(bad, 0.0, u32), dim=1, descending=True, stable=True)
+        vals = vals.to(torch.float64)
+    else:
+        vals, order = torch.sort(uc, dim=1, descending=True, stable=True)
     ps = order.to(torch.int32)
     P = 2 * S
     rank = torch.empty(R, S, dtype=torch.int32, device=dev)
