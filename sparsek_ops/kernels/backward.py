@@ -59,7 +59,34 @@ from .forward import config as forward_config
 from .selection import select_for
 from .slots import add_selected_grads
 from .common import (block_shift32, in_interval, in_window, key_intervals, load_rows, queries_per_block,
-                     rows_per_tile, tile_rows, weights32)
+                     rows_per_tile, tile_rows, weights32, window_parts)
+
+
+@triton.jit
+def _window_dq(q2, do, lse2, sh, qi, real, dq, start, hi, kbase, vbase, sks, skd, svs, svd, window,
+               D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+               PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dq's part from the window keys start .. start + BN - 1 (below hi; MASKED: with the window
+    mask, else every row of the tile sees every key)."""
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    pos = start + tl.arange(0, BN)
+    valid = pos < hi
+    pc = tl.where(valid, pos, 0).to(tl.int64)
+    kj = tl.load(kbase + pc[:, None] * sks + offs_d[None, :] * skd,
+                 mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    vj = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd,
+                 mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
+    qk2 = tl.dot(q2, tl.trans(kj), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
+    if MASKED:
+        win = in_window(pos, valid, qi, window) & real[:, None]
+        a = tl.where(win, tl.exp2(qk2 - lse2[:, None]), 0.0)
+        ds = tl.where(win, a * (dp + sh[:, None]), 0.0)
+    else:
+        a = tl.exp2(qk2 - lse2[:, None])
+        ds = a * (dp + sh[:, None])
+    return dq + tl.dot(ds.to(kj.dtype), kj, input_precision=PRECISION)
 
 
 @triton.jit
@@ -128,27 +155,50 @@ def _bwd_query_block(
             c_acc += tl.sum(tl.where(frac, a * dp + (qk2 * 0.6931471805599453) * ds, 0.0), 1).to(tl.float64)
         tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
     if HAS_WIN:
-        # Window span of the block: positions i0 - window + 1 .. i0 + BMQ - 1 (inside [0, S)).
-        lo = tl.maximum(pid_m * BMQ - window + 1, 0)
-        hi = tl.minimum(pid_m * BMQ + BMQ, S)
-        for start in range(lo, hi, BN):
-            pos = start + tl.arange(0, BN)
-            valid = pos < hi
-            pc = tl.where(valid, pos, 0).to(tl.int64)
-            kj = tl.load(kbase + pc[:, None] * sks + offs_d[None, :] * skd,
-                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            vj = tl.load(vbase + pc[:, None] * svs + offs_dv[None, :] * svd,
-                         mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
-            win = in_window(pos, valid, qi, window) & real[:, None]
-            qk2 = tl.dot(q2, tl.trans(kj), input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
-            a = tl.where(win, tl.exp2(qk2 - lse2[:, None]), 0.0)
-            ds = tl.where(win, a * (dp + sh[:, None]), 0.0)
-            dq += tl.dot(ds.to(kj.dtype), kj, input_precision=PRECISION)
+        # Window span of the block, positions [a, d) (``window_parts``): the chunks of [b, c) are
+        # seen by every query of the block and need no mask, the edges do; three branch-free
+        # loops. Padding rows (G not a power of two) are masked everywhere.
+        a, b_full, c_full, d = window_parts(pid_m * BMQ, BMQ, S, window, BN)
+        if G * BMQ != BM:
+            b_full = tl.maximum(c_full, d)
+            c_full = b_full
+        for start in range(a, b_full, BN):
+            dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
+                            window, D, DV_, BD, BDV, BN, PRECISION, True)
+        for start in range(b_full, c_full, BN):
+            dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
+                            window, D, DV_, BD, BDV, BN, PRECISION, False)
+        for start in range(c_full, d, BN):
+            dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
+                            window, D, DV_, BD, BDV, BN, PRECISION, True)
     hq = (h * G + g).to(tl.int64)
     qc = tl.minimum(qi, S - 1).to(tl.int64)
     tl.store(DQ + ((b.to(tl.int64) * Hq + hq) * S + qc)[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=real[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, Hq, window, scale,
+                       sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
+                       G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                       BM: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One query block of ``_bwd_window_keys``: adds its part to dk [BN, BD], dv [BN, BDV]
+    (MASKED: with the window mask; without it every row sees every key)."""
+    qi, g, real = tile_rows(qb, S, BM, G)
+    q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
+                               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if MASKED:
+        att = in_window(j, valid, qi, window) & real[:, None]
+        a = tl.where(att, tl.exp(qk - lse[:, None]), 0.0)
+        ds = tl.where(att, a * (dp + sh[:, None]), 0.0)
+    else:
+        a = tl.exp(qk - lse[:, None])
+        ds = a * (dp + sh[:, None])
+    dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -180,17 +230,24 @@ def _bwd_window_keys(
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     q_hi = tl.minimum(tl.minimum(pid_n * BN + BN, S) - 1 + window, S)
-    for qb in range(pid_n * BN // BMQ, tl.cdiv(q_hi, BMQ)):
-        qi, g, real = tile_rows(qb, S, BM, G)
-        q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
-                                   sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        att = in_window(j, valid, qi, window) & real[:, None]
-        a = tl.where(att, tl.exp(qk - lse[:, None]), 0.0)
-        ds = tl.where(att, a * (dp + sh[:, None]), 0.0)
-        dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    qb0 = pid_n * BN // BMQ
+    qb3 = tl.cdiv(q_hi, BMQ)
+    # Query blocks that see every key of the block (j0 + BN - 1 <= i < j0 + window, all real)
+    # need no mask: [qb1, qb2); the edges do. Branch-free loops, so that the loads pipeline.
+    qb1 = tl.minimum(tl.maximum(tl.cdiv(pid_n * BN + BN - 1, BMQ), qb0), qb3)
+    qb2 = tl.maximum(tl.minimum(tl.minimum(pid_n * BN + window, S) // BMQ, qb3), qb1)
+    if (G * BMQ != BM) | (pid_n * BN + BN > S):  # padding rows or keys: mask everything
+        qb1 = qb3
+        qb2 = qb3
+    for qb in range(qb0, qb1):
+        dk, dv = _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, Hq, window, scale,
+                                    sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV, BM, PRECISION, True)
+    for qb in range(qb1, qb2):
+        dk, dv = _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, Hq, window, scale,
+                                    sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV, BM, PRECISION, False)
+    for qb in range(qb2, qb3):
+        dk, dv = _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, Hq, window, scale,
+                                    sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV, BM, PRECISION, True)
     tl.store(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=valid[:, None] & (offs_d[None, :] < D))
     tl.store(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv.to(DV.dtype.element_ty),
