@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--configs", default="64:64:4:1,64:64:8:1,128:64:8:1,64:32:4:1,128:32:8:1,64:64:8:2")
     ap.add_argument("--variants", default="sparsek_ops.kernels.slots",
                     help="comma-separated module[+FLAG=1...]: slots modules to time, with extra constexprs")
+    ap.add_argument("--programs-per-sm", type=int, nargs="+", default=[None],
+                    help="slots.PROGRAMS_PER_SM values to time (query segments are added until about this many)")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     S, Hq, Hkv, D, topk, window = a.S, 16, a.Hkv, 128, 1024, 1024
@@ -53,8 +55,10 @@ def main():
         name, *flags = variant.split("+")
         mod = importlib.import_module(name)
         extra = {f.split("=")[0]: bool(int(f.split("=")[1])) for f in flags}
-        for cfg in a.configs.split(","):
+        for cfg, pps in ((c, p) for c in a.configs.split(",") for p in a.programs_per_sm):
             bm, bs, warps, stages = (int(x) for x in cfg.split(":"))
+            if pps is not None:
+                mod.PROGRAMS_PER_SM = pps
             mod.SLOTS_PER_TILE = bs
             mod.SWEEP_WARPS, mod.SWEEP_STAGES = warps, stages
             BM = max(bm, G)
@@ -75,7 +79,7 @@ def main():
             info = {}
             for ck in mod._bwd_slot_sweep.device_caches[torch.cuda.current_device()][0].values():
                 info = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None))
-            rows.append(dict(variant=variant, config=cfg, ms=round(ms, 3), rel_err_vs_first=[f"{e:.1e}" for e in err],
+            rows.append(dict(variant=variant, config=cfg, programs_per_sm=mod.PROGRAMS_PER_SM, ms=round(ms, 3), rel_err_vs_first=[f"{e:.1e}" for e in err],
                              **info))
             print(rows[-1], flush=True)
     with open(os.path.join(a.out, f"gpu_slots_{S}_{Hkv}.json"), "w") as f:

@@ -47,7 +47,7 @@ from .common import block_shift32, clip01_num, load_rows, tile_rows
 # Launch config of the slot sweep (BS slots x BM query rows per tile): measured on the H100 at
 # S = 32K, D = 128 (bench/gpu_slots.py; wider tiles spill registers and run 2-3x slower).
 SLOTS_PER_TILE, SWEEP_WARPS, SWEEP_STAGES = 32, 4, 2
-PROGRAMS_PER_SM = 4  # segments are added until about this many programs per SM
+PROGRAMS_PER_SM = 16  # segments are added until about this many programs per SM (bench/gpu_slots.py)
 MIN_SEGMENT_BLOCKS = 4  # ... but a segment keeps at least this many query blocks
 
 
