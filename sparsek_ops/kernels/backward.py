@@ -289,13 +289,15 @@ def _query_tiles(D: int, Dv: int, dtype: torch.dtype, G: int, BD: int, BDV: int,
                  stages: int) -> tuple[int, int, int, int]:
     """(requested rows, keys per tile, warps, stages) of the query kernel. Up to head dim 128 its
     blocks are the forward's, so that the forward's selection (gather lists per block) serves
-    the backward too (``selection_cache``): 128 rows x 32 keys with 8 warps (bf16/fp16), 64 x 64
-    with 4 (fp32). At 32K on the H100, 128:32:8:2 ran the query kernel in 3.72 ms and the
-    step in 16.8 ms, against 4.00 and 18.4 for the former 64:64:4:2 with its own selection."""
+    the backward too (``selection_cache``): 128 rows x 32 keys with 8 warps and 3 stages
+    (bf16/fp16), 64 x 64 with 4 warps and 2 stages (fp32). At 32K on the H100, 128:32:8:2 ran
+    the query kernel in 3.72 ms and the step in 16.8 ms, against 4.00 and 18.4 for the former
+    64:64:4:2 with its own selection; after the unmasked window chunks (session 6) 128:32:8:3
+    ran it in 3.19 ms against 3.41 with 2 stages (128:64:8:2/3: 3.97/3.95)."""
     if max(BD, BDV) > 128:
         return bm, BN, 4, stages
     rows = forward_config(D, Dv, dtype, G).block_m
-    return (rows, 32, 8, 2) if rows >= 128 else (rows, 64, 4, 2)
+    return (rows, 32, 8, 3) if rows >= 128 else (rows, 64, 4, 2)
 
 
 def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, u: Tensor,
