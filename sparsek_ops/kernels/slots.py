@@ -22,8 +22,8 @@ to the end (``evict >= S``). The pairs of one chain use consecutive, disjoint qu
   pair has been evicted, the pair's sums are added to its rows (a plain read-add-write: a pair
   lives in one slot and is evicted in one segment) and the slot moves along its chain to the
   pair that holds it at the next block. The blocks between two slot changes run as one
-  branch-free loop (``_sweep_block``), so that its loads pipeline. At the end of a segment, the sums of the pairs still in
-  their slots are parked, per slot.
+  branch-free loop (``_sweep_block``), so that its loads pipeline. At the end of a segment, the
+  sums of the pairs still in their slots are parked, per slot.
 * ``_add_carries``, one program per (tile of slots, KV head, batch), adds the parked sums to
   their pairs, segment after segment; a pair never changes slots, so no two programs meet.
 
@@ -241,6 +241,8 @@ def _bwd_slot_sweep(
     while qb < qb1:
         qs = qb * BMQ
         if (not ENTRY) and next_end <= qs:
+            # Pairs evicted by qs are complete: flush them, then follow each slot's chain to the
+            # pair that holds it at qs (pairs entering and leaving within one block have no part).
             ended = (cur >= 0) & (ev <= qs)
             _flush(DK, DV, DU, r64 * S + tl.maximum(cur, 0).to(tl.int64), ended, acc_k, acc_v, acc_u, scale,
                    D, DV_, BD, BDV)
