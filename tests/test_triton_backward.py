@@ -55,9 +55,10 @@ def backward_inputs(prob: Problem, glse: bool = True, u=None):
     return q, k, v, u, out, lse, go.to(q.device), None if gl is None else gl.to(q.device)
 
 
-def check_direct(prob: Problem, glse: bool = True, u=None, to_torch: bool = True, n_segments=None):
+def check_direct(prob: Problem, glse: bool = True, u=None, to_torch: bool = True, n_segments=None, block_m=None):
     """Calls the Triton backward: within the tolerance model of the float64 reference and close
-    to cpu.backward. ``n_segments``: the slot sweep's query segments (None: its own choice)."""
+    to cpu.backward. ``n_segments``: the slot sweep's query segments (None: its own choice);
+    ``block_m``: the backward's requested tile rows (None: its own)."""
     q, k, v, u, out, lse, go, gl = backward_inputs(prob, glse, u)
     args = (go, gl, q, k, v, u, out, lse, prob.topk, prob.window, prob.scale)
     gl_ref = torch.zeros(lse.shape, dtype=torch.float64) if gl is None else gl.cpu().double()
@@ -65,7 +66,7 @@ def check_direct(prob: Problem, glse: bool = True, u=None, to_torch: bool = True
     _, _, g64 = reference_run(prob, q, k, v, u, torch.float64, grads)
     _, _, glow = reference_run(prob, q, k, v, u, prob.dtype, grads)
     ref = cpu.backward(*args) if to_torch else None
-    mine = triton_backward(*args, n_segments=n_segments)
+    mine = triton_backward(*args, n_segments=n_segments, block_m=block_m)
     for i, (name, a, x) in enumerate(zip("qkvu", mine, (q, k, v, u))):
         assert a.shape == x.shape and a.dtype == x.dtype and a.is_contiguous(), name
         assert_within_model(f"d{name}", a.cpu(), g64[i], glow[i], prob.dtype)
@@ -92,6 +93,16 @@ def test_interpreter_property_suite(prob, glse, n_segments):
 ])
 def test_interpreter_fixed_shapes(S, topk, window, G, D, Dv, dtype, contiguous):
     check_direct(Problem(1, 2 * G, 2, S, D, Dv, topk, window, dtype, contiguous=contiguous, seed=S), n_segments=3)
+
+
+@interpreter
+@pytest.mark.parametrize("G,dtype", [(1, torch.float32), (2, torch.float16), (3, torch.float32)])
+def test_interpreter_window_blocks_without_mask(G, dtype):
+    """Windows much longer than a block (16-row tiles, window 100): the window-key sweep and the
+    query kernel's window part run the blocks that see every key without the window mask and
+    the edges with it (G = 3: padding rows, masked everywhere); the slot sweep runs its blocks
+    in many stretches between slot changes."""
+    check_direct(Problem(1, 2 * G, 2, 300, 16, 16, 20, 100, dtype, seed=7), block_m=16, n_segments=2)
 
 
 @interpreter
