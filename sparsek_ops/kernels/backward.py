@@ -336,14 +336,6 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     NBQ = -(-S // QMQ)
     has_sel, has_win = topk > 0, window > 0
 
-    # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
-    shift = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
-    dlse = grad_lse.contiguous() if grad_lse is not None else shift
-    BR = max(1, 4096 // BDV)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _bwd_shift[(triton.cdiv(B * Hq * S, BR),)](
-            grad_out, out, dlse, shift, B * Hq * S, Hq, S, *grad_out.stride(), *out.stride(),
-            DV_=Dv, BDV=BDV, HAS_DLSE=grad_lse is not None, BR=BR)
     lse32 = lse.float().contiguous()
     u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
 
@@ -374,7 +366,14 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
+    # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
+    shift = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
+    dlse = grad_lse.contiguous() if grad_lse is not None else shift
+    BR = max(1, 4096 // BDV)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _bwd_shift[(triton.cdiv(B * Hq * S, BR),)](
+            grad_out, out, dlse, shift, B * Hq * S, Hq, S, *grad_out.stride(), *out.stride(),
+            DV_=Dv, BDV=BDV, HAS_DLSE=grad_lse is not None, BR=BR)
         if has_win:
             _bwd_window_keys[(-(-S // BN), Hkv, B)](
                 q, k, v, grad_out, lse32, shift, dk, dv, *strides,
