@@ -72,17 +72,21 @@ LIST_SAMPLES = 128  # entries sampled by common.list_bound
 
 
 @triton.jit
-def _sparsek_fwd(
-    Q, K, V, U, TAU, EVICT, LISTS, OUT, LSE,
-    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod, sub, suh, sus,
-    S, L, NB, Hkv, window, qscale,
+def fwd_rows(
+    Q, K, V, U, TAU, EVICT, LISTS,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sub, suh, sus,
+    S, L, NB, Hkv, window, qscale, pid_m, r,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_SEL: tl.constexpr, U64: tl.constexpr, NSAMP: tl.constexpr,
     LAZY: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """The whole computation of one program (query block ``pid_m``, selection row ``r = b * Hkv
+    + h``), without its stores: the one source of the forward's math, called by the eager kernel
+    ``_sparsek_fwd`` and by the Inductor template (``sparsek_lowering``), which store the results
+    their own way (the template through Inductor's ``store_output``, so that pointwise epilogues
+    fuse into it). Returns o [BM, BDV] float32 (normalised), lse [BM] float32 (natural log), the
+    batch b (int64), each row's query head hq [BM] (int64), position qi [BM] and realness [BM]."""
     BMQ: tl.constexpr = BM // G
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1)
     b = (r // Hkv).to(tl.int64)
     h = r % Hkv
     i0 = pid_m * BMQ
@@ -154,10 +158,28 @@ def _sparsek_fwd(
     if HAS_SEL:
         o = tl.where(poisoned[:, None], float("nan"), o)
         lse = tl.where(poisoned, float("nan"), lse)
-    qo = qi[:, None].to(tl.int64)
-    tl.store(OUT + b * sob + hq[:, None] * soh + qo * sos + offs_dv[None, :] * sod,
+    return o, lse, b, hq, qi, real
+
+
+@triton.jit
+def _sparsek_fwd(
+    Q, K, V, U, TAU, EVICT, LISTS, OUT, LSE,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod, sub, suh, sus,
+    S, L, NB, Hkv, window, qscale,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HAS_SEL: tl.constexpr, U64: tl.constexpr, NSAMP: tl.constexpr,
+    LAZY: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The eager kernel: ``fwd_rows``, then o into OUT (any strides, OUT's dtype) and lse into
+    LSE (contiguous [B, Hq, S] float32)."""
+    o, lse, b, hq, qi, real = fwd_rows(
+        Q, K, V, U, TAU, EVICT, LISTS, sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sub, suh, sus,
+        S, L, NB, Hkv, window, qscale, tl.program_id(0), tl.program_id(1),
+        G, D, DV, BD, BDV, BM, BN, HAS_SEL, U64, NSAMP, LAZY, PRECISION)
+    offs_dv = tl.arange(0, BDV)
+    tl.store(OUT + b * sob + hq[:, None] * soh + qi[:, None].to(tl.int64) * sos + offs_dv[None, :] * sod,
              o.to(OUT.dtype.element_ty), mask=real[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + ((b * Hkv + h) * G + g) * S + qi, lse, mask=real)
+    tl.store(LSE + (b * Hkv * G + hq) * S + qi, lse, mask=real)
 
 
 @dataclass(frozen=True)
