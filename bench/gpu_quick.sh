@@ -6,7 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# sparsek_lowering is the folder lowering/ (pyproject maps it); without an install, a link does.
+LINKS="$(mktemp -d)" && ln -s "$PWD/lowering" "$LINKS/sparsek_lowering"
+export PYTHONPATH="$PWD:$LINKS${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 timeout 400 python3 -m pytest -q -x -m gpu $1 -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" || status=1
 timeout 190 python3 $2 --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1

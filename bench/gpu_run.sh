@@ -21,7 +21,9 @@ case "$part" in all|quick|backward|tests|checks|bench) ;; *) echo "unknown part:
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# sparsek_lowering is the folder lowering/ (pyproject maps it); without an install, a link does.
+LINKS="$(mktemp -d)" && ln -s "$PWD/lowering" "$LINKS/sparsek_lowering"
+export PYTHONPATH="$PWD:$LINKS${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import platform, torch, triton

@@ -11,4 +11,17 @@ from . import backends, library, reference, selection  # noqa: F401  (library re
 from .api import sparsek_attention, sparsek_mask
 from .nn import SparseKAttention
 
+
+def _register_lowerings() -> None:
+    """Inductor lowerings (``sparsek_lowering``): now if Inductor is loaded, else when the op is
+    first traced (its fake kernel), so that eager users do not pay Inductor's import."""
+    try:
+        import sparsek_lowering
+    except ImportError:  # the package was not installed with its lowering
+        return
+    sparsek_lowering.register_if_inductor_loaded()
+
+
+_register_lowerings()
+
 __all__ = ["SparseKAttention", "sparsek_attention", "sparsek_mask", "backends", "reference", "selection"]

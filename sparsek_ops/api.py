@@ -19,6 +19,16 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
+class _Shapes:
+    """The shapes of q, k, v and scores for an error message, formatted when printed."""
+
+    def __init__(self, q, k, v, scores):
+        self.tensors = (("q", q), ("k", k), ("v", v), ("scores", scores))
+
+    def __format__(self, spec) -> str:
+        return ", ".join(f"{name} {_shape(t)}" for name, t in self.tensors)
+
+
 def _require_tensor(name: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"sparsek_attention: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -53,7 +63,9 @@ def validate_attention(q, k, v, scores, topk, window, scale, backend) -> float:
         raise ValueError(f"{fn}: q, k, v and scores must be on one device, got q {q.device}, "
                          f"k {k.device}, v {v.device}, scores {scores.device}")
     B, Hq, S, D = q.shape
-    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, scores {_shape(scores)}"
+    # Formatted only for an error: under torch.compile(dynamic=True) the sizes are symbols, which
+    # dynamo cannot turn into a string without a graph break.
+    shapes = _Shapes(q, k, v, scores)
     if k.shape[0] != B or v.shape[0] != B or scores.shape[0] != B:
         raise ValueError(f"{fn}: batch sizes differ: {shapes}")
     if k.shape[2] != S or v.shape[2] != S or scores.shape[2] != S:

@@ -6,6 +6,7 @@
     sparsek::attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k,
                        Tensor v, Tensor u, Tensor out, Tensor lse, int topk, int window,
                        float scale, str backend="auto") -> (Tensor dq, Tensor dk, Tensor dv, Tensor du)
+    sparsek::select(Tensor u, int topk, int window, int block_m) -> (Tensor tau, Tensor evict, Tensor lists)
     sparsek::decode(Tensor q, Tensor k, Tensor v, Tensor u, Tensor(a!) k_win, ..., Tensor(j!) flags,
                     Tensor pos, int topk, int window, float scale, str backend="auto") -> Tensor out
 
@@ -56,8 +57,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int
     return backends.resolve(backend, q.device).forward(q, k, v, u, topk, window, scale)
 
 
+def _lowerings() -> None:
+    """Tracing the op (fake kernels run before Inductor lowers anything) registers the Inductor
+    lowerings if ``import sparsek_ops`` did not (``sparsek_lowering``)."""
+    try:
+        import sparsek_lowering
+    except ImportError:
+        return
+    sparsek_lowering.ensure_registered()
+
+
 @attention.register_fake
 def _attention_fake(q, k, v, u, topk, window, scale, backend="auto"):
+    _lowerings()
     B, Hq, S, _ = q.shape
     out = q.new_empty(B, Hq, S, v.shape[-1])
     return out, q.new_empty(B, Hq, S, dtype=lse_dtype(q.dtype))
@@ -73,6 +85,7 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale, backend="auto"):
+    _lowerings()
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), u.new_empty(u.shape)
 
 
@@ -91,6 +104,42 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ---------------------------------------------------------------------------- select
+@torch.library.custom_op("sparsek::select", mutates_args=())
+def select(u: Tensor, topk: int, window: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's selection as an op of its own: the Inductor lowering (``sparsek_lowering``)
+    runs it as an extern kernel ahead of the attention template, as FlexAttention takes its
+    BlockMask from outside. u [B, Hkv, S] float32 or float64. Returns, with R = B * Hkv and
+    NB = ceil(S / block_m):
+
+        tau [R, S] float64, evict [R, S] int32 (not clamped),
+        lists [R, NB, topk + block_m] int32, -1 padded ([R, NB, 0] when topk = 0)
+
+    (``selection.Selection`` has the meaning of each; the lists' width does not depend on S,
+    so that a compiled graph's shapes stay simple expressions of S.)"""
+    from .selection import select as torch_select
+
+    width = topk + block_m if topk > 0 else 0
+    if u.is_cuda:
+        from .kernels.selection import select as triton_select
+
+        sel = triton_select(u, topk, window, block_m, fractional=False, list_width=width)
+        return sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous(), sel.block_index.contiguous()
+    sel = torch_select(u, topk, window, block_m, fractional=False)
+    lists = sel.block_index.to(torch.int32)
+    lists = torch.nn.functional.pad(lists, (0, width - lists.shape[-1]), value=-1)
+    return sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous(), lists.contiguous()
+
+
+@select.register_fake
+def _select_fake(u, topk, window, block_m):
+    B, H, S = u.shape
+    NB = (S + block_m - 1) // block_m
+    width = topk + block_m if topk > 0 else 0
+    return (u.new_empty(B * H, S, dtype=torch.float64), u.new_empty(B * H, S, dtype=torch.int32),
+            u.new_empty(B * H, NB, width, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------- decode

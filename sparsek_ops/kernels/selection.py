@@ -560,17 +560,25 @@ def _block_lists(
         tl.store(out + slot, -1, mask=slot < L)
 
 
-def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: bool = True) -> Selection:
+def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: bool = True,
+           list_width: int | None = None) -> Selection:
     """``selection.select`` on the GPU (or in the Triton interpreter): same fields, same values,
     except that gather lists are in rank order and ``evict``/``block_index`` are int32.
 
     u: [B, H, S] scores, any float dtype (computed in float64). No host synchronisation.
+    ``list_width``: the gather lists' width L when topk > 0 (at least ``min(topk + block_m, S)``,
+    the most a block can gather; the rest is -1 padding). The Inductor lowering asks for
+    ``topk + block_m``, a width that does not depend on S.
     """
     B, H, S = u.shape
     dev = u.device
     R = B * H
     NB = -(-S // block_m)
     L = min(topk + block_m, S) if topk > 0 else 0
+    if topk > 0 and list_width is not None:
+        if list_width < L:
+            raise ValueError(f"list_width must be at least min(topk + block_m, S) = {L}, got {list_width}")
+        L = list_width
     u64 = u.detach().reshape(R, S).to(torch.float64)
     bad = ~torch.isfinite(u64)
     uc = torch.where(bad, 0.0, u64).contiguous()

@@ -1,0 +1,168 @@
+"""Inductor lowering of ``sparsek::attention`` (the forward).
+
+Path of data, as in eager mode (``sparsek_ops.kernels.forward``)::
+
+    u --(sparsek::select, an extern kernel)--> tau, evict, gather lists
+      --(the "sparsek_attention" template: fwd_rows + Inductor's stores)--> out, lse
+
+The selection stays an extern call of its own op (as FlexAttention takes its BlockMask from
+outside the template): it is a sort and a handful of small Triton launches with data-dependent
+work, nothing Inductor could fuse. The attention kernel is a ``TritonTemplate``: Inductor
+autotunes its block sizes, warps and stages (under ``max_autotune``; otherwise it takes the eager
+kernel's config) and fuses pointwise consumers of ``out`` into its store.
+
+``lower_attention`` returns None where the template cannot serve (CPU tensors, float64, the
+"torch" backend, symbolic head dims or topk/window); the op then runs as an extern call of its
+own eager implementation (``compat.install_lowering``), and ``fallbacks`` records why, once per
+reason, in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sympy
+import torch
+
+from . import compat, templates
+
+log = logging.getLogger("sparsek_lowering")
+
+LOG2E = 1.4426950408889634
+_LOGGED: set[str] = set()
+fallbacks: dict[str, int] = {}  # reason -> how many op calls fell back for it (tests read it)
+
+
+def _fall_back(reason: str):
+    fallbacks[reason] = fallbacks.get(reason, 0) + 1
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.info("sparsek::attention runs its eager kernel under torch.compile: %s", reason)
+    return None
+
+
+@compat.symbolic_grid
+def _grid(S, R, meta, *, cdiv):
+    return (cdiv(S, meta["BM"] // meta["G"]), R, 1)
+
+
+_TEMPLATE = None
+
+
+def _template():
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        _TEMPLATE = compat.triton_template(f"sparsek_attention_{templates.KERNEL_VERSION}", _grid,
+                                           templates.FORWARD)
+    return _TEMPLATE
+
+
+def _configs(cfg, tune: bool):
+    """(BN, warps, stages) choices at the eager config's rows (the selection's block size
+    depends on them, so autotuning keeps them): the eager config alone, or under max_autotune
+    the neighbours that sm_90 builds found reasonable (bench/NOTES.md, forward configs)."""
+    base = (cfg.block_n, cfg.num_warps, cfg.num_stages)
+    if not tune:
+        return [base]
+    out = [base]
+    for bn in (32, 64):
+        for warps in (4, 8):
+            for stages in (2, 3):
+                if (bn, warps, stages) not in out:
+                    out.append((bn, warps, stages))
+    return out
+
+
+def _autotune_inputs(nodes: dict, topk: int, window: int, block_m: int):
+    """``input_gen_fns`` for the template's inputs: a real selection of random scores, since
+    zero-filled lists would time an empty kernel. The scores are made once and shared by u's
+    generator and the selection's three, so that the weights match the lists."""
+    made: dict = {}
+
+    def example(node):
+        size = [compat.hint(s) for s in node.get_size()]
+        stride = [compat.hint(s) for s in node.get_stride()]
+        return size, stride
+
+    def selection():
+        if not made:
+            size, stride = example(nodes["U"])
+            gen = torch.Generator(device=nodes["U"].get_device()).manual_seed(0)
+            u = torch.randn(size, generator=gen, device=nodes["U"].get_device(), dtype=nodes["U"].get_dtype())
+            made["U"] = torch.empty_strided(size, stride, dtype=u.dtype, device=u.device).copy_(u)
+            if topk > 0:
+                made["TAU"], made["EVICT"], made["LISTS"] = torch.ops.sparsek.select(u, topk, window, block_m)
+        return made
+
+    def gen(name):
+        def fn(node):
+            value = selection()[name]
+            size, stride = example(node)
+            return torch.empty_strided(size, stride, dtype=value.dtype, device=value.device).copy_(value)
+        return fn
+
+    order = ["Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE"]
+    names = ["U", "TAU", "EVICT", "LISTS"] if topk > 0 else ["U"]
+    return {order.index(name): gen(name) for name in names}
+
+
+def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
+    """The lowering (Inductor calls it with IR nodes for tensors); None: not served here."""
+    from sparsek_ops.kernels import common, forward
+
+    lowering, _, ir, V, config = compat.inductor_modules()
+    if backend not in ("auto", "triton"):
+        return _fall_back(f"backend {backend!r}")
+    device = q.get_device()
+    if device is None or device.type != "cuda":
+        return _fall_back(f"{getattr(device, 'type', device)} tensors (the template is CUDA only)")
+    dtype = q.get_dtype()
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return _fall_back(f"{dtype} inputs")
+    if not all(isinstance(x, int) for x in (topk, window)) or not isinstance(scale, float):
+        return _fall_back("symbolic topk, window or scale")
+    B, Hq, S, D = q.get_size()
+    Hkv, Dv = k.get_size()[1], v.get_size()[3]
+    if compat.statically_true(sympy.Eq(S, 0)):
+        return _fall_back("empty sequence")
+    D, Dv, Hq, Hkv = (compat.static_int(x) for x in (D, Dv, Hq, Hkv))
+    G = Hq // Hkv
+    cfg = forward.config(D, Dv, dtype, G)
+    BM = common.rows_per_tile(cfg.block_m, G)
+    BMQ = common.queries_per_block(BM, G)
+
+    if u.get_dtype() not in (torch.float32, torch.float64):
+        u = lowering.to_dtype(u, torch.float32)
+    if topk > 0:
+        tau, evict, lists = compat.extern_call(torch.ops.sparsek.select.default)(u, topk, window, BMQ)
+    else:  # no selected part: HAS_SEL is off and the kernel never reads these
+        tau = lowering.empty([1], dtype=torch.float64, device=device)
+        evict = lowering.empty([1], dtype=torch.int32, device=device)
+        lists = lowering.empty([1, 1, 0], dtype=torch.int32, device=device)
+    q, k, v, u, tau, evict, lists = (compat.realize(x) for x in (q, k, v, u, tau, evict, lists))
+
+    out_size = [B, Hq, S, Dv]
+    layout = ir.FixedLayout(device, dtype, out_size, stride=ir.FlexibleLayout.contiguous_strides(out_size))
+    lse = lowering.empty_strided([B, Hq, S], None, dtype=torch.float32, device=device)
+    BD = max(16, 1 << (D - 1).bit_length())
+    BDV = max(16, 1 << (Dv - 1).bit_length())
+    options = dict(
+        G=G, D=D, DV=Dv, BD=BD, BDV=BDV, BM=BM, HAS_SEL=topk > 0, U64=u.get_dtype() == torch.float64,
+        NSAMP=forward.LIST_SAMPLES, LAZY=cfg.lazy_rescale, PRECISION="'ieee'", WINDOW=window,
+        QSCALE=float(scale * LOG2E),
+    )
+    inputs = [q, k, v, u, tau, evict, lists, lse]
+    choices: list = []
+    errors = []
+    for bn, warps, stages in _configs(cfg, bool(config.max_autotune)):
+        err = _template().maybe_append_choice(
+            choices, input_nodes=inputs, layout=layout, mutated_inputs=[lse],
+            call_sizes=[S, B * Hkv], num_stages=stages, num_warps=warps, BN=bn, **options)
+        if err is not None:
+            errors.append(err)
+    if not choices:
+        raise RuntimeError(f"sparsek_lowering: no template choice could be generated: {errors}")
+    nodes = dict(zip(["Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE"], inputs))
+    out = compat.autotune("sparsek_attention", choices, inputs, layout,
+                          _autotune_inputs(nodes, topk, window, BMQ))
+    return out, lse

@@ -1,0 +1,66 @@
+"""Inductor template sources (jinja) of the SPARSEK kernels.
+
+One source of truth: a template holds only the glue Inductor needs -- its kernel signature
+(``def_kernel``), the strides and sizes of the buffers it was given, and the stores (the output
+through ``store_output``, so that Inductor can fuse pointwise epilogues into it). The math is the
+eager kernels' own ``@triton.jit`` functions (``sparsek_ops.kernels.forward.fwd_rows``), which
+the generated module imports. A change to those files changes ``KERNEL_VERSION``, which is
+written into every template: Inductor's template code cache and its autotuning cache key on the
+template's source, so neither serves a kernel built from older code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import sparsek_ops.kernels as _kernels
+
+# The files whose Triton code the templates call (through the imports below).
+_SOURCES = ("common.py", "forward.py")
+
+
+def kernel_version() -> str:
+    """A short hash of the Triton sources the templates call, and of this file."""
+    h = hashlib.sha256()
+    root = Path(_kernels.__file__).parent
+    for name in _SOURCES:
+        h.update((root / name).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+KERNEL_VERSION = kernel_version()
+
+_HEADER = f"""
+# sparsek kernels {KERNEL_VERSION}
+from sparsek_ops.kernels import forward as sparsek_forward
+"""
+
+# Grid (query blocks, B * Hkv): as the eager launch, query blocks fastest so that the programs
+# running together share a KV head's keys in L2. Kernel options (constexprs): G, D, DV, BD, BDV,
+# BM, BN, HAS_SEL, U64, NSAMP, LAZY, PRECISION as ``kernels.forward._sparsek_fwd``; WINDOW and
+# QSCALE (scale * log2 e) are constants of the graph.
+FORWARD = _HEADER + """
+{{def_kernel("Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE")}}
+    sqb, sqh, sqs, sqd = {{stride("Q")}}
+    skb, skh, sks, skd = {{stride("K")}}
+    svb, svh, svs, svd = {{stride("V")}}
+    sub, suh, sus = {{stride("U")}}
+    slb, slh, sls = {{stride("LSE")}}
+    S = {{size("Q", 2)}}
+    Hkv = {{size("K", 1)}}
+    NB = {{size("LISTS", 1)}}
+    L = {{size("LISTS", 2)}}
+    o, lse, b, hq, qi, real = sparsek_forward.fwd_rows(
+        Q, K, V, U, TAU, EVICT, LISTS, sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+        sub, suh, sus, S, L, NB, Hkv, WINDOW, QSCALE, tl.program_id(0), tl.program_id(1),
+        G, D, DV, BD, BDV, BM, BN, HAS_SEL, U64, NSAMP, LAZY, PRECISION)
+    tl.store(LSE + b * slb + hq * slh + qi.to(tl.int64) * sls, lse, mask=real)
+    idx_b = b
+    idx_h = hq[:, None]
+    idx_m = qi[:, None]
+    idx_d = tl.arange(0, BDV)[None, :]
+    mask = real[:, None] & (idx_d < DV)
+    {{store_output(("idx_b", "idx_h", "idx_m", "idx_d"), "o", "mask", val_shape=("BM", "BDV"))}}
+"""

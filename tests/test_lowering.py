@@ -1,0 +1,247 @@
+"""The Inductor lowering (``sparsek_lowering``, issue 4).
+
+CPU: registration (at import when Inductor is loaded, else at the first trace), a clean fallback
+of the compiled op to its eager kernel (equal to eager, no graph break), dynamic S without a
+recompile per length. GPU (``gpu`` marker): the generated code holds the template and no extern
+call of the op, compiled equals eager, a pointwise epilogue fuses into the template, dynamic S,
+max_autotune with generated selection inputs, and a compiled training step of the small GPT.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsek_ops
+import sparsek_lowering
+from sparsek_lowering import attention as lowering_attention
+from sparsek_ops.models import GPT, GPTConfig
+
+from helpers import Problem
+
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """Every test lowers for real: a hit in Inductor's on-disk caches would skip the lowering."""
+    import torch._inductor.utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    with fresh():
+        yield
+    torch._dynamo.reset()
+
+
+def _run(code: str) -> str:
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=env, timeout=300).stdout
+
+
+def test_import_registers_when_inductor_is_loaded():
+    out = _run("import torch._inductor.lowering, sparsek_ops, sparsek_lowering; print(sparsek_lowering.registered())")
+    assert out.split() == ["True"]
+
+
+def test_first_trace_registers_when_inductor_was_not_loaded():
+    # Eager users do not pay Inductor's import; tracing the op (before any lowering) registers.
+    out = _run(
+        "import sys, torch, sparsek_ops, sparsek_lowering\n"
+        "print('torch._inductor.lowering' in sys.modules, sparsek_lowering.registered())\n"
+        "q = torch.randn(1, 2, 8, 16); u = torch.randn(1, 2, 8)\n"
+        "torch.compile(lambda q, u: sparsek_ops.sparsek_attention(q, q, q, u, topk=2, window=2),"
+        " fullgraph=True)(q, u)\n"
+        "print(sparsek_lowering.registered())\n"
+        "import torch._inductor.lowering as L\n"
+        "op = torch.ops.sparsek.attention.default\n"
+        "print(op in getattr(L, 'user_lowerings', {}) or op in L.lowerings)\n"
+        "print(torch.compiler.config.cache_key_tag)\n"
+    )
+    lines = out.split("\n")
+    assert lines[0] == "False False"
+    assert lines[1:3] == ["True", "True"]
+    from sparsek_lowering.templates import KERNEL_VERSION
+
+    assert f"sparsek-{KERNEL_VERSION}" in lines[3]
+
+
+def test_kernel_version_is_in_the_template():
+    from sparsek_lowering import templates
+
+    assert templates.KERNEL_VERSION in templates.FORWARD
+    assert templates.kernel_version() == templates.KERNEL_VERSION
+
+
+class TinyModel(torch.nn.Module):
+    """Projections, SPARSEK attention (GQA) and a pointwise epilogue."""
+
+    def __init__(self, d=32, heads=4, kv_heads=2, topk=6, window=5):
+        super().__init__()
+        self.h, self.kv, self.topk, self.window = heads, kv_heads, topk, window
+        self.dh = d // heads
+        self.q = torch.nn.Linear(d, heads * self.dh)
+        self.kvp = torch.nn.Linear(d, 2 * kv_heads * self.dh)
+        self.score = torch.nn.Linear(d, kv_heads)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.h, self.dh).transpose(1, 2)
+        k, v = self.kvp(x).view(B, S, 2, self.kv, self.dh).permute(2, 0, 3, 1, 4)
+        u = self.score(x).transpose(1, 2)
+        o = sparsek_ops.sparsek_attention(q, k, v, u, topk=self.topk, window=self.window)
+        return torch.nn.functional.silu(o.transpose(1, 2).reshape(B, S, -1))
+
+
+def _grads(model, x):
+    out = model(x)
+    return out, torch.autograd.grad(out.square().sum(), list(model.parameters()))
+
+
+def test_cpu_compile_falls_back_cleanly_and_equals_eager():
+    torch.manual_seed(0)
+    model = TinyModel()
+    x = torch.randn(2, 37, 32)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    before = dict(lowering_attention.fallbacks)
+    compiled = torch.compile(model, fullgraph=True)
+    out_c, g_c = _grads(compiled, x)
+    out_e, g_e = _grads(model, x)
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+    reason = "cpu tensors (the template is CUDA only)"
+    assert lowering_attention.fallbacks.get(reason, 0) > before.get(reason, 0)
+
+
+def test_cpu_dynamic_sequence_length_compiles_once():
+    torch.manual_seed(1)
+    model = TinyModel()
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for S in (23, 41, 64, 90):
+        x = torch.randn(1, S, 32)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1
+
+
+# ------------------------------------------------------------------------------------- GPU
+def _cuda_problem(S=300, dtype=torch.bfloat16, Hq=4, Hkv=2, D=64, topk=40, window=32, seed=0):
+    q, k, v, u = Problem(1, Hq, Hkv, S, D, D, topk, window, dtype, seed=seed, device="cuda").make()
+    return q, k, v, u
+
+
+def _code_of(fn, *args):
+    from torch._inductor.utils import run_and_get_code
+
+    out, codes = run_and_get_code(fn, *args)
+    return out, "\n".join(codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("topk,window", [(40, 32), (0, 48), (64, 0)])
+def test_gpu_compiled_forward_is_the_template_and_equals_eager(dtype, topk, window):
+    torch._dynamo.reset()
+    q, k, v, u = _cuda_problem(dtype=dtype, topk=topk, window=window)
+
+    def f(q, k, v, u):
+        return torch.ops.sparsek.attention(q, k, v, u, topk, window, 0.125)
+
+    (out_c, lse_c), code = _code_of(torch.compile(f, fullgraph=True), q, k, v, u)
+    out_e, lse_e = f(q, k, v, u)
+    assert "sparsek_forward.fwd_rows" in code
+    assert "torch.ops.sparsek.attention" not in code  # no extern call of the op itself
+    # The same Triton code at the same config: equal up to the rounding of the store.
+    torch.testing.assert_close(out_c, out_e, atol=0, rtol=0)
+    torch.testing.assert_close(lse_c, lse_e, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_pointwise_epilogue_fuses_into_the_template():
+    torch._dynamo.reset()
+    q, k, v, u = _cuda_problem()
+
+    def f(q, k, v, u):
+        out, _ = torch.ops.sparsek.attention(q, k, v, u, 40, 32, 0.125)
+        return torch.nn.functional.gelu(out.float()) * 3.0
+
+    out_c, code = _code_of(torch.compile(f, fullgraph=True), q, k, v, u)
+    torch.testing.assert_close(out_c, f(q, k, v, u), atol=2e-2, rtol=2e-2)
+    kernels = code.count("@triton.jit")
+    assert kernels == 1, f"expected the template alone (epilogue fused), found {kernels} kernels:\n{code}"
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_sequence_length_compiles_once():
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+
+    def f(q, k, v, u):
+        return torch.ops.sparsek.attention(q, k, v, u, 40, 32, 0.125)[0]
+
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    for S in (200, 333, 517, 1024):
+        args = _cuda_problem(S=S, seed=S)
+        torch.testing.assert_close(compiled(*args), f(*args), atol=0, rtol=0)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_gradients_equal_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyModel(d=128, heads=4, kv_heads=2, topk=24, window=16).cuda()
+    x = torch.randn(2, 257, 128, device="cuda")
+    out_c, g_c = _grads(torch.compile(model, fullgraph=True), x)
+    out_e, g_e = _grads(model, x)
+    torch.testing.assert_close(out_c, out_e, atol=1e-4, rtol=1e-4)  # TF32 projections differ
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_max_autotune_with_generated_selection_inputs():
+    torch._dynamo.reset()
+    q, k, v, u = _cuda_problem(S=700)
+
+    def f(q, k, v, u):
+        return torch.ops.sparsek.attention(q, k, v, u, 40, 32, 0.125)[0]
+
+    with torch._inductor.config.patch(max_autotune=True):
+        out_c, code = _code_of(torch.compile(f, fullgraph=True), q, k, v, u)
+    assert "sparsek_forward.fwd_rows" in code
+    torch.testing.assert_close(out_c, f(q, k, v, u), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_step_of_the_small_gpt_uses_the_template():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(attention="sparsek", topk=32, window=32, n_layers=2)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 256, (2, 257), device="cuda")
+
+    def step(tokens):
+        loss = model.loss(tokens)
+        loss.backward()
+        return loss
+
+    compiled = torch.compile(step)
+    loss, code = _code_of(compiled, tokens)
+    opt.step()
+    assert torch.isfinite(loss)
+    assert "sparsek_forward.fwd_rows" in code
+    loss_e = model.loss(tokens)  # one step later, eager: still a finite loss
+    assert torch.isfinite(loss_e)
