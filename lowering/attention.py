@@ -91,7 +91,7 @@ def _autotune_inputs(nodes: dict, topk: int, window: int, block_m: int):
             u = torch.randn(size, generator=gen, device=nodes["U"].get_device(), dtype=nodes["U"].get_dtype())
             made["U"] = torch.empty_strided(size, stride, dtype=u.dtype, device=u.device).copy_(u)
             if topk > 0:
-                made["TAU"], made["EVICT"], made["LISTS"] = torch.ops.sparsek.select(u, topk, window, block_m)
+                made["TAU"], made["EVICT"], made["LISTS"] = torch.ops.sparsek.select(u, topk, window, block_m, False)
         return made
 
     def gen(name):
@@ -131,14 +131,18 @@ def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
     BM = common.rows_per_tile(cfg.block_m, G)
     BMQ = common.queries_per_block(BM, G)
 
-    if u.get_dtype() not in (torch.float32, torch.float64):
-        u = lowering.to_dtype(u, torch.float32)
     if topk > 0:
-        tau, evict, lists = compat.extern_call(torch.ops.sparsek.select.default)(u, topk, window, BMQ)
+        # The op's own u (not a float32 copy): the selection cache keys on it, and in a training
+        # graph the backward (which gets the same u) takes this selection instead of selecting
+        # again, as in eager mode.
+        remember = not getattr(V.graph, "is_inference", True)
+        tau, evict, lists = compat.extern_call(torch.ops.sparsek.select.default)(u, topk, window, BMQ, remember)
     else:  # no selected part: HAS_SEL is off and the kernel never reads these
         tau = lowering.empty([1], dtype=torch.float64, device=device)
         evict = lowering.empty([1], dtype=torch.int32, device=device)
         lists = lowering.empty([1, 1, 0], dtype=torch.int32, device=device)
+    if u.get_dtype() not in (torch.float32, torch.float64):  # the kernel reads float32 or float64
+        u = lowering.to_dtype(u, torch.float32)
     q, k, v, u, tau, evict, lists = (compat.realize(x) for x in (q, k, v, u, tau, evict, lists))
 
     out_size = [B, Hq, S, Dv]

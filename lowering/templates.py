@@ -52,9 +52,12 @@ FORWARD = _HEADER + """
     Hkv = {{size("K", 1)}}
     NB = {{size("LISTS", 1)}}
     L = {{size("LISTS", 2)}}
+    # QSCALE as a float32 scalar, as the eager kernel's float argument: a bare constexpr float
+    # times a bf16 tile would round the scale itself to bf16 first.
+    qscale = tl.full([], QSCALE, tl.float32)
     o, lse, b, hq, qi, real = sparsek_forward.fwd_rows(
         Q, K, V, U, TAU, EVICT, LISTS, sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-        sub, suh, sus, S, L, NB, Hkv, WINDOW, QSCALE, tl.program_id(0), tl.program_id(1),
+        sub, suh, sus, S, L, NB, Hkv, WINDOW, qscale, tl.program_id(0), tl.program_id(1),
         G, D, DV, BD, BDV, BM, BN, HAS_SEL, U64, NSAMP, LAZY, PRECISION)
     tl.store(LSE + b * slb + hq * slh + qi.to(tl.int64) * sls, lse, mask=real)
     idx_b = b

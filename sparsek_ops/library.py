@@ -6,7 +6,7 @@
     sparsek::attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k,
                        Tensor v, Tensor u, Tensor out, Tensor lse, int topk, int window,
                        float scale, str backend="auto") -> (Tensor dq, Tensor dk, Tensor dv, Tensor du)
-    sparsek::select(Tensor u, int topk, int window, int block_m) -> (Tensor tau, Tensor evict, Tensor lists)
+    sparsek::select(Tensor u, int topk, int window, int block_m, bool remember=False) -> (Tensor tau, Tensor evict, Tensor lists)
     sparsek::decode(Tensor q, Tensor k, Tensor v, Tensor u, Tensor(a!) k_win, ..., Tensor(j!) flags,
                     Tensor pos, int topk, int window, float scale, str backend="auto") -> Tensor out
 
@@ -108,17 +108,21 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 # ---------------------------------------------------------------------------- select
 @torch.library.custom_op("sparsek::select", mutates_args=())
-def select(u: Tensor, topk: int, window: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+def select(u: Tensor, topk: int, window: int, block_m: int, remember: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The forward's selection as an op of its own: the Inductor lowering (``sparsek_lowering``)
     runs it as an extern kernel ahead of the attention template, as FlexAttention takes its
-    BlockMask from outside. u [B, Hkv, S] float32 or float64. Returns, with R = B * Hkv and
-    NB = ceil(S / block_m):
+    BlockMask from outside. u [B, Hkv, S], any float dtype (the op's own scores: the selection
+    is computed in float64). Returns, with R = B * Hkv and NB = ceil(S / block_m):
 
         tau [R, S] float64, evict [R, S] int32 (not clamped),
         lists [R, NB, topk + block_m] int32, -1 padded ([R, NB, 0] when topk = 0)
 
     (``selection.Selection`` has the meaning of each; the lists' width does not depend on S,
-    so that a compiled graph's shapes stay simple expressions of S.)"""
+    so that a compiled graph's shapes stay simple expressions of S.) ``remember``: leave the
+    selection for the backward of the same call (``kernels.selection_cache``, keyed by u), as
+    the eager forward does when an input requires grad; the lowering sets it in a training
+    graph's forward."""
+    from .selection import Selection
     from .selection import select as torch_select
 
     width = topk + block_m if topk > 0 else 0
@@ -126,15 +130,21 @@ def select(u: Tensor, topk: int, window: int, block_m: int) -> tuple[Tensor, Ten
         from .kernels.selection import select as triton_select
 
         sel = triton_select(u, topk, window, block_m, fractional=False, list_width=width)
-        return sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous(), sel.block_index.contiguous()
-    sel = torch_select(u, topk, window, block_m, fractional=False)
-    lists = sel.block_index.to(torch.int32)
-    lists = torch.nn.functional.pad(lists, (0, width - lists.shape[-1]), value=-1)
-    return sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous(), lists.contiguous()
+        tau, evict, lists = sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous(), sel.block_index.contiguous()
+    else:
+        sel = torch_select(u, topk, window, block_m, fractional=False)
+        lists = sel.block_index.to(torch.int32)
+        lists = torch.nn.functional.pad(lists, (0, width - lists.shape[-1]), value=-1).contiguous()
+        tau, evict = sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous()
+    if remember and topk > 0:
+        from .kernels import selection_cache
+
+        selection_cache.remember(u, topk, window, Selection(tau, None, evict, lists, topk, window, block_m))
+    return tau, evict, lists
 
 
 @select.register_fake
-def _select_fake(u, topk, window, block_m):
+def _select_fake(u, topk, window, block_m, remember=False):
     B, H, S = u.shape
     NB = (S + block_m - 1) // block_m
     width = topk + block_m if topk > 0 else 0
