@@ -7,17 +7,19 @@
 #              (test_triton_backward, test_gpu_stress; 6-9 minutes, most of it compiling)
 #   tests      every other GPU test (forward, selection, selection cache, attention, decode,
 #              generate; 6-8 minutes)
+#   lowering   the Inductor lowering's GPU tests (tests/test_lowering.py; 3 minutes, most of it
+#              compiling) and the compiled-against-eager benchmark (bench/gpu_compiled.py, 1.5)
 #   checks     the stress test under compute-sanitizer at a smaller S (out-of-bounds checks,
 #              where the machine has it) and the whole CPU suite on that machine's torch (2.11
 #              there: our oldest supported version)
 #   bench      the GPU benchmark suite (bench/test_bench_gpu.py, compared with
 #              bench/baselines/), the GPU report (bench/gpu_bench.py) and the decode benchmark
 #              (bench/gpu_decode.py)
-#   quick      backward + tests + bench; all (the default): every part, in that order.
+#   quick      backward + tests + lowering + bench; all (the default): every part, in that order.
 # Every log goes under $OUT.
 set -uo pipefail
 part="${1:-all}"
-case "$part" in all|quick|backward|tests|checks|bench) ;; *) echo "unknown part: $part" >&2; exit 2;; esac
+case "$part" in all|quick|backward|tests|lowering|checks|bench) ;; *) echo "unknown part: $part" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
@@ -32,13 +34,18 @@ print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torc
 PY
 has() { [ "$part" = all ] || [ "$part" = "$1" ] || { [ "$part" = quick ] && [ "$1" != checks ]; }; }
 BACKWARD="tests/test_triton_backward.py tests/test_gpu_stress.py"
+LOWERING="tests/test_lowering.py"
 if has backward; then
   python3 -m pytest -q -m gpu $BACKWARD -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests_backward.log" || status=1
 fi
 if has tests; then
   ignore=""
-  for f in $BACKWARD; do ignore="$ignore --ignore=$f"; done
+  for f in $BACKWARD $LOWERING; do ignore="$ignore --ignore=$f"; done
   python3 -m pytest -q -m gpu tests $ignore -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests.log" || status=1
+fi
+if has lowering; then
+  python3 -m pytest -q -m gpu $LOWERING -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests_lowering.log" || status=1
+  python3 bench/gpu_compiled.py --out "$OUT" 2>&1 | tee "$OUT/gpu_compiled.log" || status=1
 fi
 if has checks; then
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

@@ -5,8 +5,9 @@ Under ``torch.compile`` on CUDA, Inductor lowers the op to the selection (an ext
 pointwise epilogues into (``attention.py``; the template glue is in ``templates.py``, the math is
 the eager kernels' own Triton code). Where the template cannot serve (CPU tensors, float64,
 ``backend="torch"``), the op runs as an extern call of its eager kernel, logged once per reason
-on the ``sparsek_lowering`` logger. ``sparsek::attention_backward`` is not lowered yet: it runs as
-an extern call of the eager Triton backward.
+on the ``sparsek_lowering`` logger. ``sparsek::attention_backward`` is lowered the same way
+(``backward.py``): two templates (the window keys' dk, dv and the query kernel's dq) between
+extern calls of the backward's other stages (``sparsek_ops.kernels.backward_ops``).
 
 Registration: ``import sparsek_ops`` registers the lowerings when Inductor is already loaded,
 and otherwise the first time the op is traced (its fake kernel calls ``ensure_registered``),
@@ -43,10 +44,11 @@ def register() -> str:
 
     import sparsek_ops  # noqa: F401  (defines the ops)
 
-    from . import attention, compat, templates
+    from . import attention, backward, compat, templates
 
-    op = torch.ops.sparsek.attention.default
-    _STATE["how"] = compat.install_lowering(op, attention.lower_attention, compat.extern_call(op))
+    for op, fn in ((torch.ops.sparsek.attention.default, attention.lower_attention),
+                   (torch.ops.sparsek.attention_backward.default, backward.lower_attention_backward)):
+        _STATE["how"] = compat.install_lowering(op, fn, compat.extern_call(op))
     _tag_fx_graph_cache(templates.KERNEL_VERSION)
     log.debug("sparsek lowerings registered via %s (kernels %s)", _STATE["how"], templates.KERNEL_VERSION)
     return _STATE["how"]

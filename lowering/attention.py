@@ -30,14 +30,30 @@ log = logging.getLogger("sparsek_lowering")
 
 LOG2E = 1.4426950408889634
 _LOGGED: set[str] = set()
-fallbacks: dict[str, int] = {}  # reason -> how many op calls fell back for it (tests read it)
+fallbacks: dict[str, int] = {}  # "op: reason" -> how many op calls fell back for it (tests read it)
 
 
-def _fall_back(reason: str):
-    fallbacks[reason] = fallbacks.get(reason, 0) + 1
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        log.info("sparsek::attention runs its eager kernel under torch.compile: %s", reason)
+def _fall_back(reason: str, op: str = "sparsek::attention"):
+    key = f"{op}: {reason}"
+    fallbacks[key] = fallbacks.get(key, 0) + 1
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("%s runs its eager kernel under torch.compile: %s", op, reason)
+    return None
+
+
+def _serves(q, topk, window, scale, backend) -> str | None:
+    """Why the templates cannot serve this call, or None."""
+    if backend not in ("auto", "triton"):
+        return f"backend {backend!r}"
+    device = q.get_device()
+    if device is None or device.type != "cuda":
+        return f"{getattr(device, 'type', device)} tensors (the template is CUDA only)"
+    dtype = q.get_dtype()
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"{dtype} inputs"
+    if not all(isinstance(x, int) for x in (topk, window)) or not isinstance(scale, float):
+        return "symbolic topk, window or scale"
     return None
 
 
@@ -111,16 +127,10 @@ def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
     from sparsek_ops.kernels import common, forward
 
     lowering, _, ir, V, config = compat.inductor_modules()
-    if backend not in ("auto", "triton"):
-        return _fall_back(f"backend {backend!r}")
-    device = q.get_device()
-    if device is None or device.type != "cuda":
-        return _fall_back(f"{getattr(device, 'type', device)} tensors (the template is CUDA only)")
-    dtype = q.get_dtype()
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return _fall_back(f"{dtype} inputs")
-    if not all(isinstance(x, int) for x in (topk, window)) or not isinstance(scale, float):
-        return _fall_back("symbolic topk, window or scale")
+    why = _serves(q, topk, window, scale, backend)
+    if why is not None:
+        return _fall_back(why)
+    device, dtype = q.get_device(), q.get_dtype()
     B, Hq, S, D = q.get_size()
     Hkv, Dv = k.get_size()[1], v.get_size()[3]
     if compat.statically_true(sympy.Eq(S, 0)):

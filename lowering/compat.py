@@ -113,3 +113,9 @@ def realize(x):
     """x as a realized buffer the template can read with strides."""
     ir = inductor_modules()[2]
     return ir.ExternKernel.realize_input(x)
+
+
+def contiguous(x):
+    """x as a contiguous realized buffer (the kernels index lse and shift as [B, Hq, S])."""
+    ir = inductor_modules()[2]
+    return ir.ExternKernel.require_contiguous(x)

@@ -116,8 +116,9 @@ def test_cpu_compile_falls_back_cleanly_and_equals_eager():
     torch.testing.assert_close(out_c, out_e)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b)
-    reason = "cpu tensors (the template is CUDA only)"
-    assert lowering_attention.fallbacks.get(reason, 0) > before.get(reason, 0)
+    for op in ("sparsek::attention", "sparsek::attention_backward"):
+        reason = f"{op}: cpu tensors (the template is CUDA only)"
+        assert lowering_attention.fallbacks.get(reason, 0) > before.get(reason, 0)
 
 
 def test_cpu_dynamic_sequence_length_compiles_once():
@@ -291,3 +292,50 @@ def test_gpu_compiled_training_forward_leaves_its_selection_for_the_backward():
     with torch.no_grad():  # an inference graph leaves nothing behind
         torch.compile(f, fullgraph=True)(q, k, v, u)
     assert len(selection_cache._CACHE) == 0
+
+
+def test_backward_stage_ops_pass_opcheck():
+    """The backward's extern stages (fake kernels, declared mutations) in the interpreter."""
+    import sparsek_ops.kernels.backward_ops  # noqa: F401
+    from sparsek_ops.kernels import backward as eager
+
+    prob = Problem(1, 4, 2, 40, 16, 16, 6, 5, torch.float32, seed=4)
+    q, k, v, u = prob.make()
+    out, lse = torch.ops.sparsek.attention(q, k, v, u, 6, 5, 0.25, "triton")
+    do = torch.randn_like(out)
+    pl = eager.plan(16, 16, q.dtype, 2)
+    args = (do, None, out, u, 6, 5, pl.QMQ)
+    torch.library.opcheck(torch.ops.sparsek.backward_prep.default, args)
+    shift, u64, tau, frac, evict, lists, counts = torch.ops.sparsek.backward_prep(*args)
+    assert lists.shape[-1] == 6 + pl.QMQ
+    dk = torch.zeros(1, 2, 40, 16)
+    dv = torch.zeros(1, 2, 40, 16)
+    sel_args = (dk, dv, q, k, v, do, lse, shift, u64, tau, evict, frac, 6, 5, 0.25)
+    torch.library.opcheck(torch.ops.sparsek.backward_selected.default, sel_args)
+    du1 = torch.ops.sparsek.backward_selected(*sel_args)
+    crow = torch.randn(2, 40, 2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparsek.backward_du.default, (du1, crow, frac))
+    torch.testing.assert_close(torch.ops.sparsek.backward_du(du1, crow, frac), eager.finish_du(du1, crow, frac))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("topk,window", [(40, 32), (0, 48), (64, 0)])
+def test_gpu_compiled_backward_is_the_templates_and_equals_eager(dtype, topk, window):
+    q, k, v, u = (x.requires_grad_() for x in _cuda_problem(dtype=dtype, topk=topk, window=window))
+    do = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=dtype)
+
+    def f(q, k, v, u, do):
+        out = torch.ops.sparsek.attention(q, k, v, u, topk, window, 0.125)[0]
+        return torch.autograd.grad(out, (q, k, v, u), do)
+
+    grads_c, code = _code_of(torch.compile(f), q, k, v, u, do)
+    grads_e = f(q, k, v, u, do)
+    lines = _code_lines(code)
+    assert "sparsek.attention_backward.default(" not in lines  # no extern call of the op itself
+    assert "sparsek_backward.query_rows" in code
+    if window > 0:
+        assert "sparsek_backward.window_key_cols" in code
+    for name, a, b in zip("q k v u".split(), grads_c, grads_e):
+        # The same kernels in the same order: equal bits.
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"d{name}")

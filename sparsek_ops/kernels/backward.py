@@ -47,6 +47,7 @@ No host synchronisation and no data-dependent shapes here. The selection comes f
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -92,19 +93,18 @@ def _window_dq(q2, do, lse2, sh, qi, real, dq, start, hi, kbase, vbase, sks, skd
 
 
 @triton.jit
-def _bwd_query_block(
-    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, LISTS, COUNTS, DQ, CROW,
+def query_rows(
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, LISTS, COUNTS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    S, L, NBQ, Hq, Hkv, window, scale,
+    S, L, NBQ, Hq, Hkv, window, scale, pid_m, h, b,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
     HAS_SEL: tl.constexpr, HAS_WIN: tl.constexpr,
 ):
-    """dq of one query block, and (HAS_SEL) the per-row sums of g for c_i:
-    DQ [B, Hq, S, D] (dtype of q), CROW [R, S, G] float64."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    """The query kernel's computation for query block ``pid_m`` of KV head h, batch b, without
+    its stores (shared by ``_bwd_query_block`` and the Inductor template): returns dq [BM, BD]
+    float32 (scaled), the per-row sums of g for c_i [BM] float64 (zeros without HAS_SEL), and
+    the rows' query position qi, head in the group g and realness [BM]."""
     BMQ: tl.constexpr = BM // G
     r64 = (b * Hkv + h).to(tl.int64)
     qi, g, real = tile_rows(pid_m, S, BM, G)
@@ -119,13 +119,13 @@ def _bwd_query_block(
     # dtype, as the forward's lse saw it), lse in base 2; qk2 * LN2 is scale * q.k again.
     q2 = (q * (scale * 1.4426950408889634)).to(q.dtype)
     lse2 = lse * 1.4426950408889634
+    c_acc = tl.zeros([BM], tl.float64)
     if HAS_SEL:
         tau = tl.load(TAU + r64 * S + tl.minimum(qi, S - 1))  # float64 [BM]
         # Scores and thresholds shifted by one float32-exact block constant (common.block_shift32):
         # float64 once per row and key, float32 per score.
         shift32 = block_shift32(TAU + r64 * S, pid_m, S, BMQ)
         tau_s = (tau - shift32.to(tl.float64)).to(tl.float32)
-        c_acc = tl.zeros([BM], tl.float64)
         # Gather lists are compact (padding at the end): walk only the block's COUNTS [R, NBQ] pairs.
         n_sel = tl.load(COUNTS + r64 * NBQ + pid_m)
         for start in range(0, n_sel, BN):
@@ -155,7 +155,6 @@ def _bwd_query_block(
             # the tile, float64 across tiles.
             frac = sel & in_interval(qi, f0, tl.where(valid, f1 - f0, 0))
             c_acc += tl.sum(tl.where(frac, a * dp + (qk2 * 0.6931471805599453) * ds, 0.0), 1).to(tl.float64)
-        tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
     if HAS_WIN:
         # Window span of the block, positions [a, d) (``window_parts``): the chunks of [b, c) are
         # seen by every query of the block and need no mask, the edges do; three branch-free
@@ -173,10 +172,35 @@ def _bwd_query_block(
         for start in range(c_full, d, BN):
             dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
                             window, D, DV_, BD, BDV, BN, PRECISION, True)
+    return dq * scale, c_acc, qi, g, real
+
+
+@triton.jit
+def _bwd_query_block(
+    Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, LISTS, COUNTS, DQ, CROW,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    S, L, NBQ, Hq, Hkv, window, scale,
+    G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SEL: tl.constexpr, HAS_WIN: tl.constexpr,
+):
+    """dq of one query block, and (HAS_SEL) the per-row sums of g for c_i:
+    DQ [B, Hq, S, D] contiguous (dtype of q), CROW [R, S, G] float64."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    dq, c_acc, qi, g, real = query_rows(
+        Q, K, V, DO, LSE, SHIFT, U, TAU, EVICT, FRAC, LISTS, COUNTS,
+        sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+        S, L, NBQ, Hq, Hkv, window, scale, tl.program_id(0), h, b,
+        G, D, DV_, BD, BDV, BM, BN, PRECISION, HAS_SEL, HAS_WIN)
+    r64 = (b * Hkv + h).to(tl.int64)
+    if HAS_SEL:
+        tl.store(CROW + (r64 * S + qi) * G + g, c_acc, mask=real)
+    offs_d = tl.arange(0, BD)
     hq = (h * G + g).to(tl.int64)
     qc = tl.minimum(qi, S - 1).to(tl.int64)
     tl.store(DQ + ((b.to(tl.int64) * Hq + hq) * S + qc)[:, None] * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=real[:, None] & (offs_d[None, :] < D))
+             dq.to(DQ.dtype.element_ty), mask=real[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -204,22 +228,18 @@ def _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, H
 
 
 @triton.jit
-def _bwd_window_keys(
-    Q, K, V, DO, LSE, SHIFT, DK, DV,
+def window_key_cols(
+    Q, K, V, DO, LSE, SHIFT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    S, Hq, Hkv, window, scale,
+    S, Hq, Hkv, window, scale, pid_n, h, b,
     G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dk, dv of BN consecutive keys from their window queries ``j .. j + window - 1``: writes
-    DK [R, S, D], DV [R, S, DV] (their pointer's dtype); each key belongs to one program, so
-    plain stores. (The selected pairs' parts are slots.py's: with their per-score work in this
-    loop, the window sweep ran 5x slower.)"""
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    """dk [BN, BD] (scaled) and dv [BN, BDV], float32, of the BN consecutive keys of block
+    ``pid_n`` (KV head h, batch b) from their window queries ``j .. j + window - 1``, with the
+    keys' positions jc [BN] (clamped to S - 1) and realness; no stores (shared by
+    ``_bwd_window_keys`` and the Inductor template)."""
     BMQ: tl.constexpr = BM // G
-    r64 = (b * Hkv + h).to(tl.int64)
     j = pid_n * BN + tl.arange(0, BN)
     valid = j < S
     jc64 = tl.minimum(j, S - 1).to(tl.int64)
@@ -250,7 +270,30 @@ def _bwd_window_keys(
     for qb in range(qb2, qb3):
         dk, dv = _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, Hq, window, scale,
                                     sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV, BM, PRECISION, True)
-    tl.store(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+    return dk * scale, dv, jc64, valid
+
+
+@triton.jit
+def _bwd_window_keys(
+    Q, K, V, DO, LSE, SHIFT, DK, DV,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    S, Hq, Hkv, window, scale,
+    G: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk, dv of BN consecutive keys from their window queries ``j .. j + window - 1``: writes
+    DK [R, S, D], DV [R, S, DV] (their pointer's dtype); each key belongs to one program, so
+    plain stores. (The selected pairs' parts are slots.py's: with their per-score work in this
+    loop, the window sweep ran 5x slower.)"""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    dk, dv, jc64, valid = window_key_cols(
+        Q, K, V, DO, LSE, SHIFT, sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+        S, Hq, Hkv, window, scale, tl.program_id(0), h, b, G, D, DV_, BD, BDV, BM, BN, PRECISION)
+    r64 = (b * Hkv + h).to(tl.int64)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    tl.store(DK + (r64 * S + jc64)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=valid[:, None] & (offs_d[None, :] < D))
     tl.store(DV + (r64 * S + jc64)[:, None] * DV_ + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=valid[:, None] & (offs_dv[None, :] < DV_))
@@ -302,6 +345,93 @@ def _query_tiles(D: int, Dv: int, dtype: torch.dtype, G: int, BD: int, BDV: int,
     return (rows, 32, 8, 3) if rows >= 128 else (rows, 64, 4, 2)
 
 
+@dataclass
+class Plan:
+    """Tiles and block sizes of one backward call (``plan``)."""
+
+    BD: int
+    BDV: int
+    BN: int  # keys per window-key program
+    meta: dict  # constexprs and stages shared by the window-key and slot kernels
+    QM: int  # the query kernel's rows per tile
+    QN: int
+    q_warps: int
+    q_stages: int
+
+    @property
+    def QMQ(self) -> int:
+        """Queries per block of the query kernel (and of its gather lists)."""
+        return queries_per_block(self.QM, self.meta["G"])
+
+
+def plan(D: int, Dv: int, dtype: torch.dtype, G: int, block_m: int | None = None) -> Plan:
+    """The backward's tiles for head dims D, Dv, the input dtype and group size G;
+    ``block_m`` as in ``backward``."""
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    bm, BN, stages = _tiles(BD, BDV)
+    BM = rows_per_tile(bm if block_m is None else max(16, block_m), G)
+    # The query kernel has its own blocks (and gather lists); block_m sets both.
+    qm, QN, q_warps, q_stages = _query_tiles(D, Dv, dtype, G, BD, BDV, bm, BN, stages)
+    QM = rows_per_tile(qm if block_m is None else max(16, block_m), G)
+    meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", num_stages=stages)
+    return Plan(BD, BDV, BN, meta, QM, QN, q_warps, q_stages)
+
+
+def _device(dev: torch.device):
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def prepare(grad_out: Tensor, grad_lse: Tensor | None, out: Tensor, u: Tensor, topk: int, window: int,
+            block_q: int, list_width: int | None = None):
+    """Everything the kernels read besides q, k, v, do and lse, per query row and pair:
+
+    shift [B, Hq, S] float32 (``dlse - do . o``, the ``_bwd_shift`` pass), u64 [R, S] float64,
+    and with topk > 0 the selection for query blocks of ``block_q`` (the forward's, left in
+    ``selection_cache``, or computed again): tau [R, S] float64, frac [R, S, 2] int32 (F's query
+    ranges per pair), evict [R, S] int32 clamped to S, lists [R, NBQ, L] int32 and counts
+    [R, NBQ] int32 (list entries per block); ``list_width`` pads L to a fixed width. With
+    topk = 0 those five are one-element placeholders. grad_out: the dtype of q."""
+    B, Hq, S, Dv = out.shape
+    Hkv = u.shape[1]
+    R = B * Hkv
+    dev = out.device
+    BDV = max(16, triton.next_power_of_2(Dv))
+    shift = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
+    dlse = grad_lse.contiguous() if grad_lse is not None else shift
+    BR = max(1, 4096 // BDV)
+    with _device(dev):
+        _bwd_shift[(triton.cdiv(B * Hq * S, BR),)](
+            grad_out, out, dlse, shift, B * Hq * S, Hq, S, *grad_out.stride(), *out.stride(),
+            DV_=Dv, BDV=BDV, HAS_DLSE=grad_lse is not None, BR=BR)
+    u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
+    if topk == 0:
+        tau = torch.zeros(1, dtype=torch.float64, device=dev)
+        frac, evict, counts = (torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(3))
+        return shift, u64, tau, frac, evict, torch.zeros(1, 1, 0, dtype=torch.int32, device=dev), counts
+    sel = selection_cache.take(u, topk, window, block_q) or select_for(u, topk, window, block_q, fractional=False)
+    tau = sel.tau.contiguous()
+    # F_i by ranges of queries per pair: one source for the kernels' tests and for |F_i|.
+    f_lo, f_hi = fractional_ranges(tau, u64, window)
+    frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
+    # evict clamped to S: the sweeps end there, and int32 cannot overflow.
+    evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
+    lists = sel.block_index.to(torch.int32)
+    if list_width is not None and lists.shape[-1] < list_width:
+        lists = torch.nn.functional.pad(lists, (0, list_width - lists.shape[-1]), value=-1)
+    counts = (lists >= 0).sum(-1, dtype=torch.int32).contiguous()
+    return shift, u64, tau, frac, evict, lists.contiguous(), counts
+
+
+def finish_du(du: Tensor, crow: Tensor, frac: Tensor) -> Tensor:
+    """du [R, S] float64: du's first term (``slots.add_selected_grads``) minus its second,
+    ``sum_{i : l in F_i} c_i`` with ``c_i = sum_G crow / |F_i|`` (crow [R, S, G] float64 from the
+    query kernel, frac the ranges of ``prepare``): a prefix sum over queries (fact 5)."""
+    f_lo, f_hi = frac[..., 0].long(), frac[..., 1].long()
+    c = crow.sum(-1) / range_counts(f_lo, f_hi).clamp_min(1)
+    return du - _fractional_share(c, f_lo, f_hi)
+
+
 def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, u: Tensor,
              out: Tensor, lse: Tensor, topk: int, window: int, scale: float,
              block_m: int | None = None, n_segments: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -315,6 +445,10 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     ``block_m``: requested tile rows (``common.rows_per_tile``, at least 16 for ``tl.dot``;
     None: 64, or 32 for head dims above 128). ``n_segments``: the slot sweep's query segments
     (``slots.segments``; tests force it). float64 inputs run ``cpu.backward``.
+
+    Stages (the Inductor lowering runs the same ones): ``prepare``, the window keys' dk, dv,
+    the selected pairs' (``slots.add_selected_grads``), the query kernel's dq and c_i sums,
+    ``finish_du``.
     """
     if q.dtype == torch.float64:
         return cpu.backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale)
@@ -326,34 +460,12 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     if S == 0:
         return (torch.zeros(q.shape, dtype=q.dtype, device=dev), torch.zeros(k.shape, dtype=k.dtype, device=dev),
                 torch.zeros(v.shape, dtype=v.dtype, device=dev), torch.zeros(u.shape, dtype=u.dtype, device=dev))
-    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
-    bm, BN, stages = _tiles(BD, BDV)
-    BM = rows_per_tile(bm if block_m is None else max(16, block_m), G)
-    # The query kernel has its own blocks (and gather lists); block_m sets both.
-    qm, QN, q_warps, q_stages = _query_tiles(D, Dv, q.dtype, G, BD, BDV, bm, BN, stages)
-    QM = rows_per_tile(qm if block_m is None else max(16, block_m), G)
-    QMQ = queries_per_block(QM, G)
-    NBQ = -(-S // QMQ)
+    pl = plan(D, Dv, q.dtype, G, block_m)
+    NBQ = -(-S // pl.QMQ)
     has_sel, has_win = topk > 0, window > 0
-
     lse32 = lse.float().contiguous()
-    u64 = u.detach().reshape(R, S).to(torch.float64).contiguous()
-
-    if has_sel:
-        sel = selection_cache.take(u, topk, window, QMQ) or select_for(u, topk, window, QMQ, fractional=False)
-        tau = sel.tau.contiguous()
-        # F_i by ranges of queries per pair: one source for the kernels' tests and for |F_i|.
-        f_lo, f_hi = fractional_ranges(tau, u64, window)
-        frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
-        # evict clamped to S: the sweeps end there, and int32 cannot overflow.
-        evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
-        lists = sel.block_index.to(torch.int32).contiguous()
-        L = lists.shape[-1]
-        counts = (sel.block_index >= 0).sum(-1, dtype=torch.int32).contiguous()
-    else:
-        tau = torch.zeros(1, dtype=torch.float64, device=dev)
-        evict = lists = counts = frac = torch.zeros(1, dtype=torch.int32, device=dev)
-        L = 0
+    shift, u64, tau, frac, evict, lists, counts = prepare(grad_out, grad_lse, out, u, topk, window, pl.QMQ)
+    L = lists.shape[-1]
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     crow = torch.empty(R, S, G, dtype=torch.float64, device=dev) if has_sel else torch.zeros(1, dtype=torch.float64, device=dev)
@@ -364,29 +476,20 @@ def backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v:
     dv = alloc(R, S, Dv, dtype=torch.float32 if has_sel else v.dtype, device=dev)
     du = torch.zeros(R, S, dtype=torch.float64, device=dev)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    meta = dict(G=G, D=D, DV_=Dv, BD=BD, BDV=BDV, BM=BM,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=stages)
-    # Preprocess (per query row): shift = dlse - delta, delta = do . o, in float32.
-    shift = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
-    dlse = grad_lse.contiguous() if grad_lse is not None else shift
-    BR = max(1, 4096 // BDV)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _bwd_shift[(triton.cdiv(B * Hq * S, BR),)](
-            grad_out, out, dlse, shift, B * Hq * S, Hq, S, *grad_out.stride(), *out.stride(),
-            DV_=Dv, BDV=BDV, HAS_DLSE=grad_lse is not None, BR=BR)
+    meta = pl.meta
+    with _device(dev):
         if has_win:
-            _bwd_window_keys[(-(-S // BN), Hkv, B)](
+            _bwd_window_keys[(-(-S // pl.BN), Hkv, B)](
                 q, k, v, grad_out, lse32, shift, dk, dv, *strides,
-                S, Hq, Hkv, window, scale, BN=BN, **meta)
+                S, Hq, Hkv, window, scale, BN=pl.BN, **meta)
         if has_sel:
             add_selected_grads(q, k, v, grad_out, lse32, shift, u64, tau, evict.view(R, S), frac, dk, dv, du,
                                topk, window, scale, meta, n_segments)
         _bwd_query_block[(NBQ, Hkv, B)](
             q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lists, counts, dq, crow, *strides,
             S, L, NBQ, Hq, Hkv, window, scale, HAS_SEL=has_sel, HAS_WIN=has_win,
-            **dict(meta, BM=QM, BN=QN, num_warps=q_warps, num_stages=q_stages))
+            **dict(meta, BM=pl.QM, BN=pl.QN, num_warps=pl.q_warps, num_stages=pl.q_stages))
     if has_sel:
-        c = crow.sum(-1) / range_counts(f_lo, f_hi).clamp_min(1)
-        du = du - _fractional_share(c, f_lo, f_hi)
+        du = finish_du(du, crow, frac)
     return (dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
             du.view(u.shape).to(u.dtype).contiguous())
