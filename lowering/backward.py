@@ -109,7 +109,8 @@ def lower_attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, win
         dk = _zeros(lowering, dk_size, torch.float32, device)
         dv = _zeros(lowering, dv_size, torch.float32, device)
     if has_sel:
-        dk, dv = compat.realize(dk), compat.realize(dv)
+        # dk, dv stay the TensorBoxes the lowering returns (cast below); the extern call realizes
+        # their buffers and adds into them, and Inductor orders every later read after it.
         du1 = extern(torch.ops.sparsek.backward_selected.default)(
             dk, dv, q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, topk, window, float(scale))
         crow = lowering.empty_strided([B * Hkv, S, G], None, dtype=torch.float64, device=device)

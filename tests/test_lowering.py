@@ -339,3 +339,40 @@ def test_gpu_compiled_backward_is_the_templates_and_equals_eager(dtype, topk, wi
     for name, a, b in zip("q k v u".split(), grads_c, grads_e):
         # The same kernels in the same order: equal bits.
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"d{name}")
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_sequence_length_forward_and_backward_compile_once():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+
+    def f(q, k, v, u, do):
+        out = torch.ops.sparsek.attention(q, k, v, u, 40, 32, 0.125)[0]
+        return torch.autograd.grad(out, (q, k, v, u), do)
+
+    compiled = torch.compile(f, backend=counter, dynamic=True)
+    for S in (200, 333, 517):
+        q, k, v, u = (x.requires_grad_() for x in _cuda_problem(S=S, seed=S))
+        do = torch.randn_like(q)
+        for name, a, b in zip("q k v u".split(), compiled(q, k, v, u, do), f(q, k, v, u, do)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"S={S}: d{name}")
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+def test_gpu_max_autotune_backward_with_generated_selection_inputs():
+    q, k, v, u = (x.requires_grad_() for x in _cuda_problem(S=700))
+    do = torch.randn_like(q)
+
+    def f(q, k, v, u, do):
+        out = torch.ops.sparsek.attention(q, k, v, u, 40, 32, 0.125)[0]
+        return torch.autograd.grad(out, (q, k, v, u), do)
+
+    with torch._inductor.config.patch(max_autotune=True):
+        grads_c, code = _code_of(torch.compile(f), q, k, v, u, do)
+    assert "sparsek_backward.query_rows" in code and "sparsek_backward.window_key_cols" in code
+    for name, a, b in zip("q k v u".split(), grads_c, f(q, k, v, u, do)):
+        # The chosen configs may chunk differently from eager: bf16 rounding apart (du is
+        # float32 here, from float64 sums).
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=f"d{name}")
