@@ -49,7 +49,7 @@ def register() -> str:
     for op, fn in ((torch.ops.sparsek.attention.default, attention.lower_attention),
                    (torch.ops.sparsek.attention_backward.default, backward.lower_attention_backward)):
         _STATE["how"] = compat.install_lowering(op, fn, compat.extern_call(op))
-    _tag_fx_graph_cache(templates.KERNEL_VERSION)
+    _tag_fx_graph_cache()
     log.debug("sparsek lowerings registered via %s (kernels %s)", _STATE["how"], templates.KERNEL_VERSION)
     return _STATE["how"]
 
@@ -72,7 +72,14 @@ def register_if_inductor_loaded() -> None:
         ensure_registered()
 
 
-def _tag_fx_graph_cache(version: str) -> None:
+def _version_tag() -> str:
+    """What registration appends to ``torch.compiler.config.cache_key_tag``."""
+    from .templates import KERNEL_VERSION
+
+    return f"sparsek-{KERNEL_VERSION}"
+
+
+def _tag_fx_graph_cache() -> None:
     """Append ``sparsek-<version>`` to the FX graph cache's key tag: the cache key does not see
     lowerings, so without it a graph compiled with older sparsek kernels could be served."""
     import torch
@@ -80,7 +87,7 @@ def _tag_fx_graph_cache(version: str) -> None:
     cfg = getattr(getattr(torch, "compiler", None), "config", None)
     if cfg is None or not hasattr(cfg, "cache_key_tag"):
         return
-    mine = f"sparsek-{version}"
+    mine = _version_tag()
     tag = cfg.cache_key_tag or ""
     if mine not in tag:
         cfg.cache_key_tag = f"{tag}|{mine}" if tag else mine

@@ -70,6 +70,37 @@ def test_first_trace_registers_when_inductor_was_not_loaded():
     assert f"sparsek-{KERNEL_VERSION}" in lines[3]
 
 
+def test_fx_graph_cache_is_keyed_on_the_kernel_version():
+    """A graph compiled with one kernel version is served from the cache to the same version and
+    never to another (the version is part of torch.compiler.config.cache_key_tag)."""
+    from torch._dynamo.utils import counters
+
+    sparsek_lowering.ensure_registered()
+    q = torch.randn(1, 2, 20, 8)
+    u = torch.randn(1, 2, 20)
+
+    def f(q, u):
+        return sparsek_ops.sparsek_attention(q, q, q, u, topk=3, window=2) * 2
+
+    def hits_after_compile():
+        torch._dynamo.reset()
+        before = counters["inductor"]["fxgraph_cache_hit"]
+        torch.compile(f, fullgraph=True)(q, u)
+        return counters["inductor"]["fxgraph_cache_hit"] - before
+
+    tag = torch.compiler.config.cache_key_tag
+    assert sparsek_lowering._version_tag() in tag
+    with torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        hits_after_compile()  # compiled and stored
+        assert hits_after_compile() == 1  # the same version: served
+        try:
+            torch.compiler.config.cache_key_tag = tag.replace(sparsek_lowering._version_tag(), "sparsek-other")
+            assert hits_after_compile() == 0  # another version: compiled anew
+        finally:
+            torch.compiler.config.cache_key_tag = tag
+
+
 def test_kernel_version_is_in_the_template():
     from sparsek_lowering import templates
 
