@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
-from sparsek_ops import reference
+from sparsek_ops import reference, sparsek_attention
 
 # Absolute slack per dtype, relative to the size of the reference values.
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -121,3 +121,24 @@ def launch_config(module, cfg):
         return
     with mock.patch.object(module, "config", lambda *args: cfg):
         yield
+
+
+class TinyAttention(torch.nn.Module):
+    """Projections, a scoring network and SPARSEK attention (GQA): the op inside a model, for the
+    torch.compile tests."""
+
+    def __init__(self, d, heads, kv_heads, topk, window):
+        super().__init__()
+        self.h, self.kv, self.topk, self.window = heads, kv_heads, topk, window
+        self.dh = d // heads
+        self.q = torch.nn.Linear(d, heads * self.dh)
+        self.kvp = torch.nn.Linear(d, 2 * kv_heads * self.dh)
+        self.score = torch.nn.Linear(d, kv_heads)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.h, self.dh).transpose(1, 2)
+        k, v = self.kvp(x).view(B, S, 2, self.kv, self.dh).permute(2, 0, 3, 1, 4)
+        u = self.score(x).transpose(1, 2)
+        o = sparsek_attention(q, k, v, u, topk=self.topk, window=self.window)
+        return o.transpose(1, 2).reshape(B, S, -1)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import sparsek_ops
 from sparsek_ops import reference
-from helpers import Problem, assert_within_model, max_err, reference_run
+from helpers import Problem, TinyAttention, assert_within_model, max_err, reference_run
 
 BACKENDS = ["torch"]
 
@@ -203,24 +203,6 @@ def test_gradcheck_float64(topk, window):
         return sparsek_ops.sparsek_attention(q, k, v, u, topk=topk, window=window, return_lse=True)
 
     assert torch.autograd.gradcheck(f, (q, k, v, u))
-
-
-class TinyAttention(torch.nn.Module):
-    def __init__(self, d, heads, kv_heads, topk, window):
-        super().__init__()
-        self.h, self.kv, self.topk, self.window = heads, kv_heads, topk, window
-        self.dh = d // heads
-        self.q = torch.nn.Linear(d, heads * self.dh)
-        self.kvp = torch.nn.Linear(d, 2 * kv_heads * self.dh)
-        self.score = torch.nn.Linear(d, kv_heads)
-
-    def forward(self, x):
-        B, S, _ = x.shape
-        q = self.q(x).view(B, S, self.h, self.dh).transpose(1, 2)
-        k, v = self.kvp(x).view(B, S, 2, self.kv, self.dh).permute(2, 0, 3, 1, 4)
-        u = self.score(x).transpose(1, 2)
-        o = sparsek_ops.sparsek_attention(q, k, v, u, topk=self.topk, window=self.window)
-        return o.transpose(1, 2).reshape(B, S, -1)
 
 
 def test_compile_fullgraph_forward_backward_equal_eager():

@@ -21,7 +21,7 @@ import sparsek_lowering
 from sparsek_lowering import attention as lowering_attention
 from sparsek_ops.models import GPT, GPTConfig
 
-from helpers import Problem
+from helpers import Problem, TinyAttention
 
 
 
@@ -108,24 +108,14 @@ def test_kernel_version_is_in_the_template():
     assert templates.kernel_version() == templates.KERNEL_VERSION
 
 
-class TinyModel(torch.nn.Module):
-    """Projections, SPARSEK attention (GQA) and a pointwise epilogue."""
+class TinyModel(TinyAttention):
+    """TinyAttention followed by a pointwise epilogue."""
 
     def __init__(self, d=32, heads=4, kv_heads=2, topk=6, window=5):
-        super().__init__()
-        self.h, self.kv, self.topk, self.window = heads, kv_heads, topk, window
-        self.dh = d // heads
-        self.q = torch.nn.Linear(d, heads * self.dh)
-        self.kvp = torch.nn.Linear(d, 2 * kv_heads * self.dh)
-        self.score = torch.nn.Linear(d, kv_heads)
+        super().__init__(d, heads, kv_heads, topk, window)
 
     def forward(self, x):
-        B, S, _ = x.shape
-        q = self.q(x).view(B, S, self.h, self.dh).transpose(1, 2)
-        k, v = self.kvp(x).view(B, S, 2, self.kv, self.dh).permute(2, 0, 3, 1, 4)
-        u = self.score(x).transpose(1, 2)
-        o = sparsek_ops.sparsek_attention(q, k, v, u, topk=self.topk, window=self.window)
-        return torch.nn.functional.silu(o.transpose(1, 2).reshape(B, S, -1))
+        return torch.nn.functional.silu(super().forward(x))
 
 
 def _grads(model, x):
