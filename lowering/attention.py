@@ -28,7 +28,6 @@ from . import compat, templates
 
 log = logging.getLogger("sparsek_lowering")
 
-LOG2E = 1.4426950408889634
 _LOGGED: set[str] = set()
 fallbacks: dict[str, int] = {}  # "op: reason" -> how many op calls fell back for it (tests read it)
 
@@ -163,7 +162,7 @@ def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
     options = dict(
         G=G, D=D, DV=Dv, BD=BD, BDV=BDV, BM=BM, HAS_SEL=topk > 0, U64=u.get_dtype() == torch.float64,
         NSAMP=forward.LIST_SAMPLES, LAZY=cfg.lazy_rescale, PRECISION="'ieee'", WINDOW=window,
-        QSCALE=float(scale * LOG2E),
+        QSCALE=float(scale * forward.LOG2E),
     )
     inputs = [q, k, v, u, tau, evict, lists, lse]
     choices: list = []
