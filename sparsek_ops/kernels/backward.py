@@ -24,6 +24,11 @@ one KV head, so the keys a block gathers serve the whole group). Kernels, none w
 * ``slots.py`` adds the selected pairs' dk, dv and du's first term: each pair's first query
   block over consecutive positions, the later ones slot by slot (fact 6).
 
+The two attention kernels keep their per-program computation in store-free functions
+(``query_rows``, ``window_key_cols``) that the Inductor templates call too; ``backward`` runs the
+stages ``prepare`` -> window keys -> ``slots.add_selected_grads`` -> query kernel -> ``finish_du``,
+the same ones the lowering runs (``backward_ops.py`` wraps the non-template stages as ops).
+
 So every sum has a fixed order and repeated runs are bitwise identical, with or without
 ``torch.use_deterministic_algorithms``. (Relaxed atomics from the query kernel were 2.4x slower
 at 32K; bench/NOTES.md has every version's numbers.)

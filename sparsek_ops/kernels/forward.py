@@ -44,6 +44,10 @@ Python side: ``forward`` (the backend's entry, same contract as ``cpu.forward``;
 take the PyTorch path), ``config`` (the launch ``Config`` per head dims and dtype), and
 ``selection_for`` (the one call of the selection: the Triton walk on CUDA, PyTorch elsewhere).
 
+Kernel side: ``fwd_rows`` is one program's whole computation without its stores; the eager
+kernel ``_sparsek_fwd`` adds the stores, and the Inductor template (``sparsek_lowering``) calls
+the same function and stores through Inductor, so compiled and eager runs share this code.
+
 Not done yet: tile configs are a hand-picked table (``config``, from register and instruction
 counts of sm_90 builds), not timed on the GPU (bench/gpu_forward_configs.py does that); the
 selected part costs ~22 SASS instructions per score against ~12 for the window part (weights,
