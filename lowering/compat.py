@@ -43,12 +43,6 @@ def install_lowering(op: torch._ops.OpOverload, fn: Callable[..., Any], fallback
     return "register_lowering"
 
 
-def is_installed(op: torch._ops.OpOverload) -> bool:
-    """Whether some lowering of ``op`` is installed (by ``install_lowering``)."""
-    lowering = inductor_modules()[0]
-    return op in getattr(lowering, "user_lowerings", {}) or op in lowering.lowerings
-
-
 def extern_call(op: torch._ops.OpOverload) -> Callable[..., Any]:
     """A lowering that runs ``op`` itself as an extern kernel (Inductor's fallback handler)."""
     lowering = inductor_modules()[0]
