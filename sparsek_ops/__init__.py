@@ -12,16 +12,6 @@ from .api import sparsek_attention, sparsek_mask
 from .nn import SparseKAttention
 
 
-def _register_lowerings() -> None:
-    """Inductor lowerings (``sparsek_lowering``): now if Inductor is loaded, else when the op is
-    first traced (its fake kernel), so that eager users do not pay Inductor's import."""
-    try:
-        import sparsek_lowering
-    except ImportError:  # the package was not installed with its lowering
-        return
-    sparsek_lowering.register_if_inductor_loaded()
-
-
-_register_lowerings()
+library._lowerings(if_inductor_loaded=True)  # else at the op's first trace
 
 __all__ = ["SparseKAttention", "sparsek_attention", "sparsek_mask", "backends", "reference", "selection"]

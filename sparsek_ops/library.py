@@ -57,14 +57,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int
     return backends.resolve(backend, q.device).forward(q, k, v, u, topk, window, scale)
 
 
-def _lowerings() -> None:
-    """Tracing the op (fake kernels run before Inductor lowers anything) registers the Inductor
-    lowerings if ``import sparsek_ops`` did not (``sparsek_lowering``)."""
+def _lowerings(if_inductor_loaded: bool = False) -> None:
+    """Registers the Inductor lowerings (``sparsek_lowering``): ``import sparsek_ops`` only if
+    Inductor is already loaded (eager users should not pay its import), and the first trace of
+    the op (fake kernels run before Inductor lowers anything) in any case."""
     try:
         import sparsek_lowering
-    except ImportError:
+    except ImportError:  # the package was installed without its lowering
         return
-    sparsek_lowering.ensure_registered()
+    if if_inductor_loaded:
+        sparsek_lowering.register_if_inductor_loaded()
+    else:
+        sparsek_lowering.ensure_registered()
 
 
 @attention.register_fake
