@@ -12,7 +12,8 @@ autotunes its block sizes, warps and stages (under ``max_autotune``; otherwise i
 kernel's config) and fuses pointwise consumers of ``out`` into its store.
 
 ``lower_attention`` returns None where the template cannot serve (CPU tensors, float64, the
-"torch" backend, symbolic head dims or topk/window); the op then runs as an extern call of its
+"torch" backend, symbolic topk, window or scale); head dims and head counts are guarded as
+static sizes, the sequence length stays symbolic. The op then runs as an extern call of its
 own eager implementation (``compat.install_lowering``), and ``fallbacks`` records why, once per
 reason, in the log.
 """
@@ -88,33 +89,40 @@ def _configs(cfg, tune: bool):
     return out
 
 
+def choose(template, name, inputs, layout, mutated, call_sizes, configs, options, input_gen_fns=None):
+    """The template's choices, one per (BN, warps, stages) of ``configs``, and Inductor's pick
+    among them (benchmarked with ``input_gen_fns`` when there are several)."""
+    choices: list = []
+    errors = []
+    for bn, warps, stages in configs:
+        err = template.maybe_append_choice(
+            choices, input_nodes=inputs, layout=layout, mutated_inputs=mutated, call_sizes=call_sizes,
+            num_stages=stages, num_warps=warps, BN=bn, **options)
+        if err is not None:
+            errors.append(err)
+    if not choices:
+        raise RuntimeError(f"sparsek_lowering: no {name} template choice could be generated: {errors}")
+    return compat.autotune(name, choices, inputs, layout, input_gen_fns or {})
+
+
 def _autotune_inputs(nodes: dict, topk: int, window: int, block_m: int):
     """``input_gen_fns`` for the template's inputs: a real selection of random scores, since
     zero-filled lists would time an empty kernel. The scores are made once and shared by u's
     generator and the selection's three, so that the weights match the lists."""
     made: dict = {}
 
-    def example(node):
-        size = [compat.hint(s) for s in node.get_size()]
-        stride = [compat.hint(s) for s in node.get_stride()]
-        return size, stride
-
     def selection():
         if not made:
-            size, stride = example(nodes["U"])
+            size, _ = compat.example_layout(nodes["U"])
             gen = torch.Generator(device=nodes["U"].get_device()).manual_seed(0)
             u = torch.randn(size, generator=gen, device=nodes["U"].get_device(), dtype=nodes["U"].get_dtype())
-            made["U"] = torch.empty_strided(size, stride, dtype=u.dtype, device=u.device).copy_(u)
+            made["U"] = u
             if topk > 0:
                 made["TAU"], made["EVICT"], made["LISTS"] = torch.ops.sparsek.select(u, topk, window, block_m, False)
         return made
 
     def gen(name):
-        def fn(node):
-            value = selection()[name]
-            size, stride = example(node)
-            return torch.empty_strided(size, stride, dtype=value.dtype, device=value.device).copy_(value)
-        return fn
+        return lambda node: compat.example_like(node, selection()[name])
 
     order = ["Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE"]
     names = ["U", "TAU", "EVICT", "LISTS"] if topk > 0 else ["U"]
@@ -138,7 +146,7 @@ def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
     G = Hq // Hkv
     cfg = forward.config(D, Dv, dtype, G)
     BM = common.rows_per_tile(cfg.block_m, G)
-    BMQ = common.queries_per_block(BM, G)
+    BMQ = forward.block_queries(D, Dv, dtype, G, cfg)
 
     if topk > 0:
         # The op's own u (not a float32 copy): the selection cache keys on it, and in a training
@@ -157,25 +165,13 @@ def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
     out_size = [B, Hq, S, Dv]
     layout = ir.FixedLayout(device, dtype, out_size, stride=ir.FlexibleLayout.contiguous_strides(out_size))
     lse = lowering.empty_strided([B, Hq, S], None, dtype=torch.float32, device=device)
-    BD = max(16, 1 << (D - 1).bit_length())
-    BDV = max(16, 1 << (Dv - 1).bit_length())
     options = dict(
-        G=G, D=D, DV=Dv, BD=BD, BDV=BDV, BM=BM, HAS_SEL=topk > 0, U64=u.get_dtype() == torch.float64,
+        G=G, D=D, DV=Dv, BD=common.dot_width(D), BDV=common.dot_width(Dv), BM=BM, HAS_SEL=topk > 0, U64=u.get_dtype() == torch.float64,
         NSAMP=forward.LIST_SAMPLES, LAZY=cfg.lazy_rescale, PRECISION="'ieee'", WINDOW=window,
         QSCALE=float(scale * forward.LOG2E),
     )
     inputs = [q, k, v, u, tau, evict, lists, lse]
-    choices: list = []
-    errors = []
-    for bn, warps, stages in _configs(cfg, bool(config.max_autotune)):
-        err = _template().maybe_append_choice(
-            choices, input_nodes=inputs, layout=layout, mutated_inputs=[lse],
-            call_sizes=[S, B * Hkv], num_stages=stages, num_warps=warps, BN=bn, **options)
-        if err is not None:
-            errors.append(err)
-    if not choices:
-        raise RuntimeError(f"sparsek_lowering: no template choice could be generated: {errors}")
     nodes = dict(zip(["Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE"], inputs))
-    out = compat.autotune("sparsek_attention", choices, inputs, layout,
-                          _autotune_inputs(nodes, topk, window, BMQ))
+    out = choose(_template(), "sparsek_attention", inputs, layout, [lse], [S, B * Hkv],
+                 _configs(cfg, bool(config.max_autotune)), options, _autotune_inputs(nodes, topk, window, BMQ))
     return out, lse

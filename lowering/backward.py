@@ -25,7 +25,7 @@ import sympy
 import torch
 
 from . import compat, templates
-from .attention import _fall_back, _serves
+from .attention import _fall_back, _serves, choose
 
 
 @compat.symbolic_grid
@@ -47,21 +47,6 @@ def _template(kind: str):
                         "query": (_query_grid, templates.QUERY)}[kind]
         _TEMPLATES[kind] = compat.triton_template(f"sparsek_{kind}_{templates.KERNEL_VERSION}", grid, source)
     return _TEMPLATES[kind]
-
-
-def _choose(kind, name, inputs, layout, mutated, call_sizes, configs, options, input_gen_fns=None):
-    """The template's choices (one per (BN, warps, stages) config), autotuned when several."""
-    choices: list = []
-    errors = []
-    for bn, warps, stages in configs:
-        err = _template(kind).maybe_append_choice(
-            choices, input_nodes=inputs, layout=layout, mutated_inputs=mutated, call_sizes=call_sizes,
-            num_stages=stages, num_warps=warps, BN=bn, **options)
-        if err is not None:
-            errors.append(err)
-    if not choices:
-        raise RuntimeError(f"sparsek_lowering: no {kind} template choice could be generated: {errors}")
-    return compat.autotune(name, choices, inputs, layout, input_gen_fns or {})
 
 
 def lower_attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, window, scale, backend="auto"):
@@ -103,8 +88,8 @@ def lower_attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, win
         configs = [(pl.BN, 4, pl.meta["num_stages"])]
         if tune:
             configs += [c for c in ((32, 4, 2), (64, 4, 3), (64, 8, 2)) if c not in configs]
-        dk = _choose("window_keys", "sparsek_window_keys", [q, k, v, grad_out, lse32, shift, dv], dk_layout, [dv],
-                     [S, Hkv, B], configs, dict(common, BM=pl.meta["BM"]))
+        dk = choose(_template("window_keys"), "sparsek_window_keys", [q, k, v, grad_out, lse32, shift, dv], dk_layout,
+                    [dv], [S, Hkv, B], configs, dict(common, BM=pl.meta["BM"]))
     else:
         dk = _zeros(lowering, dk_size, torch.float32, device)
         dv = _zeros(lowering, dv_size, torch.float32, device)
@@ -123,9 +108,9 @@ def lower_attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, win
     if tune:
         configs += [c for c in ((32, 8, 2), (64, 8, 3), (64, 8, 2)) if c not in configs]
     inputs = [q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lists, counts, crow]
-    dq = _choose("query", "sparsek_query", inputs, dq_layout, [crow], [S, Hkv, B], configs,
-                 dict(common, BM=pl.QM, HAS_SEL=has_sel, HAS_WIN=has_win),
-                 _query_autotune_inputs(inputs, grad_out, out, u, topk, window, pl.QMQ) if tune and has_sel else None)
+    dq = choose(_template("query"), "sparsek_query", inputs, dq_layout, [crow], [S, Hkv, B], configs,
+                dict(common, BM=pl.QM, HAS_SEL=has_sel, HAS_WIN=has_win),
+                _query_autotune_inputs(grad_out, out, u, topk, window, pl.QMQ) if tune and has_sel else None)
 
     if has_sel:
         du = extern(torch.ops.sparsek.backward_du.default)(du1, crow, frac)
@@ -142,21 +127,18 @@ def _zeros(lowering, size, dtype, device):
     return lowering.lowerings[torch.ops.aten.full.default](size, 0, dtype=dtype, device=device)
 
 
-def _query_autotune_inputs(inputs, grad_out, out, u, topk, window, block_q):
+def _query_autotune_inputs(grad_out, out, u, topk, window, block_q):
     """``input_gen_fns`` for the query template under max_autotune: u64 and the selection from
     ``backward_prep`` on random inputs of the same shapes (random gather lists would be
     meaningless; zeros would time an empty loop)."""
     made: dict = {}
-
-    def example(node):
-        return [compat.hint(s) for s in node.get_size()], [compat.hint(s) for s in node.get_stride()]
 
     def prep():
         if not made:
             gen = torch.Generator(device=u.get_device()).manual_seed(0)
 
             def rand(node):
-                size, _ = example(node)
+                size, _ = compat.example_layout(node)
                 return torch.randn(size, generator=gen, device=node.get_device()).to(node.get_dtype())
 
             made["all"] = torch.ops.sparsek.backward_prep(rand(grad_out), None, rand(out), rand(u), topk, window,
@@ -164,11 +146,7 @@ def _query_autotune_inputs(inputs, grad_out, out, u, topk, window, block_q):
         return made["all"]
 
     def gen(i):
-        def fn(node):
-            value = prep()[i]
-            size, stride = example(node)
-            return torch.empty_strided(size, stride, dtype=value.dtype, device=value.device).copy_(value)
-        return fn
+        return lambda node: compat.example_like(node, prep()[i])
 
     # inputs[6:12]: u64, tau, evict, frac, lists, counts = prep()[1], [2], [4], [3], [5], [6]
     return {6: gen(1), 7: gen(2), 8: gen(4), 9: gen(3), 10: gen(5), 11: gen(6)}

@@ -68,6 +68,17 @@ def hint(expr) -> int:
     return int(fn(expr))
 
 
+def example_layout(node) -> tuple[list[int], list[int]]:
+    """The example sizes and strides of an IR node (``hint`` of each), for autotuning inputs."""
+    return [hint(s) for s in node.get_size()], [hint(s) for s in node.get_stride()]
+
+
+def example_like(node, value: torch.Tensor) -> torch.Tensor:
+    """``value`` laid out as ``node``'s example (its sizes and strides): an autotuning input."""
+    size, stride = example_layout(node)
+    return torch.empty_strided(size, stride, dtype=value.dtype, device=value.device).copy_(value)
+
+
 def statically_true(cond) -> bool:
     V = inductor_modules()[3]
     return bool(V.graph.sizevars.statically_known_true(cond))

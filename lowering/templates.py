@@ -3,9 +3,9 @@
 One source of truth: a template holds only the glue Inductor needs -- its kernel signature
 (``def_kernel``), the strides and sizes of the buffers it was given, and the stores (the output
 through ``store_output``, so that Inductor can fuse pointwise epilogues into it). The math is the
-eager kernels' own ``@triton.jit`` functions (``sparsek_ops.kernels.forward.fwd_rows``, ``kernels.backward.window_key_cols`` and
-``query_rows``), which
-the generated module imports. A change to those files changes ``KERNEL_VERSION``, which is
+eager kernels' own ``@triton.jit`` functions (``sparsek_ops.kernels.forward.fwd_rows``,
+``kernels.backward.window_key_cols`` and ``query_rows``), which the generated module imports.
+A change to those files changes ``KERNEL_VERSION``, which is
 written into every template: Inductor's template code cache and its autotuning cache key on the
 template's source, so neither serves a kernel built from older code.
 """

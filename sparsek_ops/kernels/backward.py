@@ -66,7 +66,7 @@ from . import selection_cache
 from .forward import config as forward_config
 from .selection import select_for
 from .slots import add_selected_grads
-from .common import (block_shift32, in_interval, in_window, key_intervals, load_rows, queries_per_block,
+from .common import (block_shift32, dot_width, in_interval, in_window, key_intervals, load_rows, queries_per_block,
                      rows_per_tile, tile_rows, weights32, window_parts)
 
 
@@ -372,7 +372,7 @@ class Plan:
 def plan(D: int, Dv: int, dtype: torch.dtype, G: int, block_m: int | None = None) -> Plan:
     """The backward's tiles for head dims D, Dv, the input dtype and group size G;
     ``block_m`` as in ``backward``."""
-    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    BD, BDV = dot_width(D), dot_width(Dv)
     bm, BN, stages = _tiles(BD, BDV)
     BM = rows_per_tile(bm if block_m is None else max(16, block_m), G)
     # The query kernel has its own blocks (and gather lists); block_m sets both.
@@ -401,7 +401,7 @@ def prepare(grad_out: Tensor, grad_lse: Tensor | None, out: Tensor, u: Tensor, t
     Hkv = u.shape[1]
     R = B * Hkv
     dev = out.device
-    BDV = max(16, triton.next_power_of_2(Dv))
+    BDV = dot_width(Dv)
     shift = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
     dlse = grad_lse.contiguous() if grad_lse is not None else shift
     BR = max(1, 4096 // BDV)

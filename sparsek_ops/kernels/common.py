@@ -25,6 +25,11 @@ def rows_per_tile(block_m: int, G: int) -> int:
     return max(block_m, triton.next_power_of_2(G))
 
 
+def dot_width(d: int) -> int:
+    """A head dim's tile width: a power of two >= 16 (``tl.dot`` needs 16), padded lanes masked."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def queries_per_block(rows: int, G: int) -> int:
     """Queries per block (and the selection's ``block_m``) for a tile of ``rows`` rows."""
     return rows // G

@@ -480,7 +480,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, u: Tensor, k_win: Tensor, v_win: Ten
     N = topk + window
     cfg = config(N, D, Dv, q.dtype, G)
     nsplit = triton.cdiv(N, cfg.keys_per_split)
-    BDV = max(16, triton.next_power_of_2(Dv))
+    BDV = common.dot_width(Dv)
     if nsplit > 1:
         ws_m = torch.empty(R, nsplit, G, dtype=torch.float32, device=q.device)
         ws_l = torch.empty_like(ws_m)
@@ -490,8 +490,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, u: Tensor, k_win: Tensor, v_win: Ten
     _attend[(R, nsplit)](
         q, ks, vs, us, kw, vw, tau, pos, out, ws_m, ws_l, ws_acc,
         q.stride(0), q.stride(1), q.stride(3), H, topk, window, scale * LOG2E,
-        G=G, D=D, DV=Dv, BD=max(16, triton.next_power_of_2(D)), BDV=BDV,
-        BG=max(16, triton.next_power_of_2(G)), BN=cfg.block_n, KPS=cfg.keys_per_split, NSPLIT=nsplit,
+        G=G, D=D, DV=Dv, BD=common.dot_width(D), BDV=BDV,
+        BG=common.dot_width(G), BN=cfg.block_n, KPS=cfg.keys_per_split, NSPLIT=nsplit,
         HAS_SEL=has_sel, HAS_WIN=has_win, PRECISION="ieee",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
