@@ -393,43 +393,56 @@ def _walk(
     offs_t = tl.arange(0, TB)
     big: tl.constexpr = 2147483647
     first_bad = tl.load(FIRST_BAD + r)
-    # The value of the last crossed breakpoint (the bracket's left end), carried along.
-    last_val = tl.load(BVAL + r * P + tl.maximum(ptr - 1, 0))
     if a0 == 0:
         for i0 in range(0, tl.minimum(window, S), TB):
             qi = i0 + offs_t
             tl.store(TAU_Q + r * S + qi, tl.full([TB], float("-inf"), tl.float64), mask=qi < tl.minimum(window, S))
+    # The walk is a chain of dependent steps per live pair, so its time is latency: pair s's
+    # values come from memory (a cache hit) instead of a warp reduction each, the bracket's ends
+    # too, and the two tiles a live pair may need (the ranks below K, the breakpoints from ptr)
+    # are requested at the top of the step, before the branches, so that their round trips
+    # overlap (20-30% off the walk on the H100, bench/NOTES.md "Session 8").
     for t0 in range(a0, a1, TB):
         n = t0 + offs_t  # prefixes of this tile; pair n is added after prefix n is written
         in_chunk = n < a1
         has = in_chunk & (n < S)
         rk = tl.load(RANK + r * S + n, mask=has, other=big)
         iu = tl.load(IU + r * S + n, mask=has, other=-1)
-        iv = tl.load(IV + r * S + n, mask=has, other=-1)
-        uu = tl.load(U + r * S + n, mask=has, other=0.0)
         tau_v = tl.zeros([TB], tl.float64) + tau
         k_v = tl.zeros([TB], tl.int32) + K
         # Live pairs: they enter the top-k, or (past the first k + 1 pairs) lie above tau.
         live = has & ((tsize < k) | (rk < K) | ((n > k) & (iu >= ptr)))
         done = n < t0
-        while tl.max(live.to(tl.int32), 0) > 0:
-            s = tl.min(tl.where(live, n, big), 0)
-            sel = n == s
-            rk_s = tl.sum(tl.where(sel, rk, 0), 0)
-            iu_s = tl.sum(tl.where(sel, iu, 0), 0)
-            done = done | sel
+        s = tl.min(tl.where(live, n, big), 0)
+        while s < big:
+            done = done | (n == s)
+            rk_s = tl.load(RANK + r * S + s)
+            iu_s = tl.load(IU + r * S + s)
+            iv_s = tl.load(IV + r * S + s)
+            u_s = tl.load(U + r * S + s) - shift
+            # The ranks K - TB .. K - 1 (for an eviction) and the breakpoints ptr .. ptr + TB - 1
+            # (for a threshold move), requested before either is known to be needed.
+            rr = K - TB + offs_t
+            pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
+            pos_k = tl.load(PS + r * S + tl.maximum(K, 0))
+            e = ptr + offs_t
+            ine = e < P
+            bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
+            bp = tl.load(BPOS + r * P + e, mask=ine, other=big)
+            bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
+            bu = tl.load(BU + r * P + e, mask=ine, other=0.0)
+            # the previous entry's value, to find the starts of runs of equal breakpoints
+            bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
             # Top-k: add pair s, evicting the worst (rank K) when full.
             if tsize < k:
                 tsize += 1
                 K = tl.maximum(K, rk_s)
             elif rk_s < K:
                 # Evict the pair of rank K; the new K is the largest rank below K held by a
-                # position <= s (present). One tile of ranks K - TB + 1 .. K serves both.
-                rr = K - TB + 1 + offs_t
-                pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
-                tl.store(EVICT + r * S + tl.sum(tl.where(rr == K, pos, 0), 0), s + window)
-                nk = tl.max(tl.where((pos <= s) & (rr >= 0) & (rr < K), rr, -1), 0)
-                hi_r = K - TB + 1
+                # position <= s (present).
+                tl.store(EVICT + r * S + pos_k, s + window)
+                nk = tl.max(tl.where((pos <= s) & (rr >= 0), rr, -1), 0)
+                hi_r = K - TB
                 while nk < 0:
                     rr = hi_r - TB + offs_t
                     pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
@@ -441,8 +454,6 @@ def _walk(
             # Threshold: only for prefixes past the first solved one (s >= k + 1 adds to prefix
             # s + 1 >= k + 2), and only if pair s lies above the threshold.
             if (s > k) & (iu_s >= ptr):
-                u_s = tl.sum(tl.where(sel, uu, 0.0), 0) - shift
-                iv_s = tl.sum(tl.where(sel, iv, 0), 0)
                 cA += 1
                 sA += u_s
                 if iv_s >= ptr:
@@ -451,15 +462,8 @@ def _walk(
                 # Move right, a tile of breakpoints at a time, while f at the next run of equal
                 # breakpoints (evaluated before crossing it) stays >= k - slack.
                 go = ptr < P
-                b_lo = last_val
-                b_hi = last_val
                 while go:
-                    e = ptr + offs_t
-                    ine = e < P
-                    bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
-                    bp = tl.load(BPOS + r * P + e, mask=ine, other=big)
-                    bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
-                    bu = tl.load(BU + r * P + e, mask=ine, other=0.0) - shift
+                    bu = bu - shift
                     present = bp <= s
                     dA = (present & (bt == 1)).to(tl.int32)
                     dB = (present & (bt == 0)).to(tl.int32)
@@ -471,8 +475,6 @@ def _walk(
                     xsB = tl.cumsum(eB, 0) - eB
                     x = tl.where(ine, bv - shift, 0.0)  # no inf * 0 past the end
                     f = ((sA - xsA) - x * (cA - exA)) - ((sB - xsB) - (x + 1.0) * (cB - exB))
-                    # the previous entry's value, to find the starts of runs of equal breakpoints
-                    bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
                     run_start = bv != bv_prev
                     stop = run_start & ((f < slack) | ~ine)
                     first = tl.min(tl.where(stop, offs_t, TB), 0)
@@ -482,17 +484,25 @@ def _walk(
                     sA -= tl.sum(tl.where(cross, eA, 0.0), 0)
                     sB -= tl.sum(tl.where(cross, eB, 0.0), 0)
                     ptr += first
-                    # The bracket from this tile: the last crossed value and the stopping one.
-                    b_lo = tl.where(first > 0, tl.max(tl.where(offs_t == first - 1, bv, float("-inf")), 0), b_lo)
-                    b_hi = tl.max(tl.where(offs_t == first, bv, float("-inf")), 0)
                     go = (first == TB) & (ptr < P)
+                    if go:  # every breakpoint of the tile crossed: the next tile
+                        e = ptr + offs_t
+                        ine = e < P
+                        bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
+                        bp = tl.load(BPOS + r * P + e, mask=ine, other=big)
+                        bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
+                        bu = tl.load(BU + r * P + e, mask=ine, other=0.0)
+                        bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
+                # The bracket: the last crossed breakpoint and the first one not crossed.
+                b_lo = tl.load(BVAL + r * P + tl.maximum(ptr - 1, 0))
+                b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
                 b_hi = tl.where(ptr < P, b_hi, float("inf"))
                 tau = _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi)
-                last_val = b_lo
             after = n > s
             tau_v = tl.where(after, tau, tau_v)
             k_v = tl.where(after, K, k_v)
             live = has & ~done & ((tsize < k) | (rk < K) | ((n > k) & (iu >= ptr)))
+            s = tl.min(tl.where(live, n, big), 0)
         # Pairs of this tile that were never live never enter the top-k.
         tl.store(EVICT + r * S + n, n + window, mask=has & ~done)
         tau_v = tl.where(n > k, tau_v, float("-inf"))
