@@ -6,7 +6,8 @@
 #   backward   the CUDA property suite of the Triton backward, determinism, the 128K stress
 #              (test_triton_backward, test_gpu_stress; 6-9 minutes, most of it compiling)
 #   tests      every other GPU test (forward, selection, selection cache, attention, decode,
-#              generate; 6-8 minutes)
+#              generate), in three pytest processes at once: nearly all of it is compiling, which
+#              is CPU work (in one process it ran past 10 minutes from a cold cache in session 8)
 #   lowering   the Inductor lowering's GPU tests (tests/test_lowering.py; about 8 minutes from a
 #              cold cache, nearly all of it compiling: every test compiles its own graphs)
 #   checks     the stress test under compute-sanitizer at a smaller S (out-of-bounds checks,
@@ -16,7 +17,8 @@
 #              bench/baselines/), the GPU report (bench/gpu_bench.py), the decode benchmark
 #              (bench/gpu_decode.py) and compiled against eager (bench/gpu_compiled.py, 1.5 min)
 #   quick      backward + tests + lowering + bench; all (the default): every part, in that order.
-# Every log goes under $OUT.
+# Every log goes under $OUT, written as the tests run (a part cut off by the device's time limit
+# still leaves what it did); the last lines of each are printed at the end of its part.
 set -uo pipefail
 part="${1:-all}"
 case "$part" in all|quick|backward|tests|lowering|checks|bench) ;; *) echo "unknown part: $part" >&2; exit 2;; esac
@@ -35,16 +37,29 @@ PY
 has() { [ "$part" = all ] || [ "$part" = "$1" ] || { [ "$part" = quick ] && [ "$1" != checks ]; }; }
 BACKWARD="tests/test_triton_backward.py tests/test_gpu_stress.py"
 LOWERING="tests/test_lowering.py"
+# gpu_tests LOG FILES...: the GPU tests of FILES, logged to $OUT/LOG as they run.
+gpu_tests() {
+  local log="$OUT/$1"; shift
+  python3 -m pytest -q -m gpu "$@" -p no:cacheprovider > "$log" 2>&1
+}
 if has backward; then
-  python3 -m pytest -q -m gpu $BACKWARD -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests_backward.log" || status=1
+  gpu_tests gpu_tests_backward.log $BACKWARD || status=1
+  tail -n 40 "$OUT/gpu_tests_backward.log"
 fi
 if has tests; then
+  FORWARD="tests/test_triton.py"
+  SELECTION="tests/test_gpu_selection.py tests/test_selection_cache.py"
   ignore=""
-  for f in $BACKWARD $LOWERING; do ignore="$ignore --ignore=$f"; done
-  python3 -m pytest -q -m gpu tests $ignore -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests.log" || status=1
+  for f in $BACKWARD $LOWERING $FORWARD $SELECTION; do ignore="$ignore --ignore=$f"; done
+  gpu_tests gpu_tests_forward.log $FORWARD & p1=$!
+  gpu_tests gpu_tests_selection.log $SELECTION & p2=$!
+  gpu_tests gpu_tests_other.log tests $ignore & p3=$!
+  for p in $p1 $p2 $p3; do wait $p || status=1; done
+  for f in forward selection other; do echo "== $f"; tail -n 25 "$OUT/gpu_tests_$f.log"; done
 fi
 if has lowering; then
-  python3 -m pytest -q -m gpu $LOWERING -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu_tests_lowering.log" || status=1
+  gpu_tests gpu_tests_lowering.log $LOWERING || status=1
+  tail -n 40 "$OUT/gpu_tests_lowering.log"
 fi
 if has checks; then
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
