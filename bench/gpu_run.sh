@@ -4,7 +4,8 @@
 # PART (a device call runs at most 10 minutes, so a full run takes several calls; each part fits
 # in one from a cold Triton cache, with the times measured on the H100 in session 6):
 #   backward   the CUDA property suite of the Triton backward, determinism, the 128K stress
-#              (test_triton_backward, test_gpu_stress; 6-9 minutes, most of it compiling)
+#              (test_triton_backward, test_gpu_stress, in two processes; 8 minutes in one
+#              process in session 8, most of it compiling)
 #   tests      every other GPU test (forward, selection, selection cache, attention, decode,
 #              generate), in three pytest processes at once: nearly all of it is compiling, which
 #              is CPU work (in one process it ran past 10 minutes from a cold cache in session 8)
@@ -43,8 +44,11 @@ gpu_tests() {
   python3 -m pytest -q -m gpu "$@" -p no:cacheprovider > "$log" 2>&1
 }
 if has backward; then
-  gpu_tests gpu_tests_backward.log $BACKWARD || status=1
-  tail -n 40 "$OUT/gpu_tests_backward.log"
+  # two processes: the CUDA property suite compiles per shape, the stress test at 128K on its own
+  gpu_tests gpu_tests_backward.log tests/test_triton_backward.py & p1=$!
+  gpu_tests gpu_tests_stress.log tests/test_gpu_stress.py & p2=$!
+  for p in $p1 $p2; do wait $p || status=1; done
+  for f in backward stress; do echo "== $f"; tail -n 25 "$OUT/gpu_tests_$f.log"; done
 fi
 if has tests; then
   FORWARD="tests/test_triton.py"
