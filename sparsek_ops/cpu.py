@@ -26,7 +26,6 @@ Math (DESIGN.md section 2 and section 3, fact 5), per query i and attended key j
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -331,7 +330,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, topk: int, window: int, 
     The selected pairs and the window are two softmax parts merged through their lse. On CPU
     the window part runs in ATen's fused attention kernel (``cpu_fused.py``)."""
     plan = _Plan(q, k, v, topk, window, block_m, SEL_BLOCKS)
-    G, BM = plan.G, plan.BM
+    G = plan.G
     if plan.S == 0:
         return q.new_empty(plan.B, plan.Hq, 0, plan.Dv), q.new_empty(plan.B, plan.Hq, 0, dtype=lse_dtype(q.dtype))
     fused = q.device.type == "cpu" and FUSED and cpu_fused.available() and plan.Wn > 0

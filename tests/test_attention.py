@@ -1,6 +1,5 @@
 """SPARSEK attention against the float64 reference (DESIGN.md sections 2 and 5)."""
 
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 
 import sparsek_ops
 from sparsek_ops import reference
-from helpers import Problem, TinyAttention, assert_within_model, max_err, reference_run
+from helpers import Problem, TinyAttention, assert_within_model, reference_run
 
 BACKENDS = ["torch"]
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import sparsek_ops
 from sparsek_ops import projection, reference
 from sparsek_ops.cache import SparseKCache
-from helpers import ATOL, Problem
+from helpers import Problem
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3}
 
