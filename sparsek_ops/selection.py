@@ -241,30 +241,9 @@ def range_counts(lo: Tensor, hi: Tensor) -> Tensor:
     """``|{l : lo[l] <= i < hi[l]}|`` for every i: [R, S] int64 from lo, hi [R, S] (as
     ``fractional_ranges``). Sorts and searchsorted, no scatter: deterministic."""
     i = torch.arange(lo.shape[-1], device=lo.device).expand_as(lo).contiguous()
-    sort = (lambda x: sorted_rows(x)[0]) if lo.is_cuda else (lambda x: torch.sort(x, dim=-1).values)
-    started = torch.searchsorted(sort(lo), i, right=True)
-    ended = torch.searchsorted(sort(hi), i, right=True)
+    started = torch.searchsorted(torch.sort(lo, dim=-1).values, i, right=True)
+    ended = torch.searchsorted(torch.sort(hi, dim=-1).values, i, right=True)
     return started - ended
-
-
-def sorted_rows(key: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.sort(key, dim=1, stable=True)`` (values, indices) for key [R, S] int64 with values
-    in [0, 2**32), by one 1D sort of ``row * 2**32 + key``. On CUDA, torch sorts a 2D tensor of
-    long rows one row after another (16 radix sorts at 16 rows of 32K on the H100); one sort of
-    the flat keys does them all at once. Ties keep position order (the sort is stable)."""
-    R, S = key.shape
-    rows = torch.arange(R, device=key.device, dtype=torch.int64)[:, None]
-    vals, idx = torch.sort((key + (rows << 32)).reshape(-1), stable=True)
-    return vals.view(R, S) - (rows << 32), idx.view(R, S) - rows * S
-
-
-def descending_key32(x: Tensor) -> Tensor:
-    """int64 keys in [0, 2**32) whose ascending order is float32 x's descending order, with -0.0
-    and 0.0 equal (x without NaN), for ``sorted_rows``: the IEEE bits made monotone (negative
-    values' magnitude bits flipped), then reversed."""
-    b = (x + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0
-    ordered = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
-    return (~ordered).to(torch.int64) + 2**31
 
 
 def sort_desc(u: Tensor) -> Tensor:

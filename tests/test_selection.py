@@ -149,27 +149,3 @@ def test_slots_are_chains_of_the_selection(R, S, topk, window, seed, kind, slope
             pairs = j[slot[r] == s]
             starts, ends = pairs + window, evict[r][pairs]
             assert starts[0] < S and torch.equal(starts[1:], ends[:-1]) and ends[-1] == S, (r, s)
-
-
-@given(R=st.integers(1, 5), S=st.integers(1, 300), seed=st.integers(0, 10_000),
-       kind=st.sampled_from(["normal", "ties", "plateau", "large", "zeros_and_infs"]))
-def test_flat_row_sort_is_the_stable_row_sort(R, S, seed, kind):
-    """``sorted_rows(descending_key32(x))`` (the GPU selection's rank order) is
-    ``torch.sort(x, dim=1, descending=True, stable=True)``: ties (and -0.0 against 0.0) in
-    position order, infinities at the ends; and ``sorted_rows`` of plain keys is the stable
-    ascending row sort."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "zeros_and_infs":
-        x = torch.randn(R, S, generator=g)
-        x[x.abs() < 0.7] = 0.0
-        x[:, ::3] = -0.0
-        x[:, 1::7] = float("inf")
-        x[:, 2::11] = float("-inf")
-    else:
-        x = scores(R, S, seed, kind)[0]
-    ref = torch.sort(x, dim=1, descending=True, stable=True)
-    assert torch.equal(selection.sorted_rows(selection.descending_key32(x))[1], ref.indices)
-    keys = torch.randint(0, 4 if kind == "ties" else 2**32, (R, S), generator=g, dtype=torch.int64)
-    vals, idx = selection.sorted_rows(keys)
-    ref = torch.sort(keys, dim=1, stable=True)
-    assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)

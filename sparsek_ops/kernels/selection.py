@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..projection import F_SLACK
 from .. import selection as torch_selection
-from ..selection import Selection, candidate_counts, descending_key32, sorted_rows
+from ..selection import Selection, candidate_counts
 
 # Chunking: about LIVE_PER_CHUNK pairs that change the selection per chunk, with the rough
 # model "a pair at prefix n is live with probability min(1, LIVE_RATE * k / n)".
@@ -603,11 +603,11 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     # The first non-finite position of each row (S if none): it poisons every later prefix.
     first_bad = torch.where(bad, torch.arange(S, device=dev), S).amin(1).to(torch.int32)
     # Scores in rank order (descending, ties to the earlier position), then the breakpoints.
-    # float32 scores sort as 32-bit keys (the same order), all rows in one flat sort.
+    # float32 scores sort as float32 (the same order; half the radix passes of float64).
     if u.dtype == torch.float32:
-        u32 = torch.where(bad, 0.0, u.detach().reshape(R, S))
-        order = sorted_rows(descending_key32(u32))[1]
-        vals = u32.gather(1, order).to(torch.float64)
+        u32 = u.detach().reshape(R, S)
+        vals, order = torch.sort(torch.where(bad, 0.0, u32), dim=1, descending=True, stable=True)
+        vals = vals.to(torch.float64)
     else:
         vals, order = torch.sort(uc, dim=1, descending=True, stable=True)
     ps = order.to(torch.int32)
