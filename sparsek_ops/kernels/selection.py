@@ -356,6 +356,20 @@ def _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi):
     return tl.minimum(tl.maximum(tau, b_lo), b_hi)
 
 
+@triton.jit
+def _breakpoints(BVAL, BPOS, BTYP, BU, r, P, ptr, offs_t):
+    """The breakpoints ptr + offs_t of row r (of P): in range, value, position, type, score, and
+    the previous entry's value (to find the starts of runs of equal breakpoints)."""
+    e = ptr + offs_t
+    ine = e < P
+    bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
+    bp = tl.load(BPOS + r * P + e, mask=ine, other=2147483647)
+    bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
+    bu = tl.load(BU + r * P + e, mask=ine, other=0.0)
+    bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
+    return ine, bv, bp, bt, bu, bv_prev
+
+
 # S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
 @triton.jit(do_not_specialize=["S", "k"])
 def _walk(
@@ -425,14 +439,7 @@ def _walk(
             rr = K - TB + offs_t
             pos = tl.load(PS + r * S + rr, mask=rr >= 0, other=big)
             pos_k = tl.load(PS + r * S + tl.maximum(K, 0))
-            e = ptr + offs_t
-            ine = e < P
-            bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
-            bp = tl.load(BPOS + r * P + e, mask=ine, other=big)
-            bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
-            bu = tl.load(BU + r * P + e, mask=ine, other=0.0)
-            # the previous entry's value, to find the starts of runs of equal breakpoints
-            bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
+            ine, bv, bp, bt, bu, bv_prev = _breakpoints(BVAL, BPOS, BTYP, BU, r, P, ptr, offs_t)
             # Top-k: add pair s, evicting the worst (rank K) when full.
             if tsize < k:
                 tsize += 1
@@ -486,13 +493,7 @@ def _walk(
                     ptr += first
                     go = (first == TB) & (ptr < P)
                     if go:  # every breakpoint of the tile crossed: the next tile
-                        e = ptr + offs_t
-                        ine = e < P
-                        bv = tl.load(BVAL + r * P + e, mask=ine, other=float("inf"))
-                        bp = tl.load(BPOS + r * P + e, mask=ine, other=big)
-                        bt = tl.load(BTYP + r * P + e, mask=ine, other=0)
-                        bu = tl.load(BU + r * P + e, mask=ine, other=0.0)
-                        bv_prev = tl.load(BVAL + r * P + e - 1, mask=ine & (e >= 1), other=float("-inf"))
+                        ine, bv, bp, bt, bu, bv_prev = _breakpoints(BVAL, BPOS, BTYP, BU, r, P, ptr, offs_t)
                 # The bracket: the last crossed breakpoint and the first one not crossed.
                 b_lo = tl.load(BVAL + r * P + tl.maximum(ptr - 1, 0))
                 b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
