@@ -21,7 +21,8 @@ What a program does (DESIGN.md section 3, fact 3)
     4. One online softmax (``common.softmax_step_exp2``) over both parts; writes o and the lse
        (natural log, float32) that the backward needs. Rows whose tau is NaN (a non-finite
        score among their candidates) are set to NaN there, once; inside the loops every weight
-       is finite (``common.clip01_num``), so a non-finite score cannot leak into other rows.
+       of the other rows is finite (non-finite scores are read as 0, and ``common.clip01_num``),
+       so a non-finite score cannot leak into other rows.
 
 Tile layout (``common.tile_rows``): ``BM = common.rows_per_tile(BLOCK_M, G)`` rows, row m =
 (query ``i0 + m // G``, query head ``h * G + m % G``), ``BMQ = BM // G`` queries per block,
@@ -125,7 +126,12 @@ def fwd_rows(
             jo = j.to(tl.int64)
             kt = tl.load(kbase + jo[:, None] * sks + offs_d[None, :] * skd, mask=dmask, other=0.0)
             vt = tl.load(vbase + jo[:, None] * svs + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
+            # A non-finite score is selected by poisoned rows only (set to NaN at the end); in
+            # the other rows of the block its weight meets a masked score, and e * p must be 0
+            # there. As 0 here, its weights are finite whatever tl.maximum does with NaN (the
+            # GPU's max drops it; triton 3.7's interpreter propagated it). One select per key.
             u_j = tl.load(ubase + jo * sus)
+            u_j = tl.where(tl.abs(u_j) < float("inf"), u_j, 0.0)
             if U64:
                 u_s = (u_j - shift.to(tl.float64)).to(tl.float32)
             else:
