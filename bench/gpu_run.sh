@@ -19,7 +19,9 @@
 #              (bench/gpu_decode.py) and compiled against eager (bench/gpu_compiled.py, 1.5 min)
 #   quick      backward + tests + lowering + bench; all (the default): every part, in that order.
 # Every log goes under $OUT, written as the tests run (a part cut off by the device's time limit
-# still leaves what it did); the last lines of each are printed at the end of its part.
+# still leaves what it did); the last lines of each are printed at the end of its part. More
+# than 8 files under $OUT at the end (the most the device tool returns) are packed into one
+# archive, $OUT/gpu_run_PART.tar.gz.
 set -uo pipefail
 part="${1:-all}"
 case "$part" in all|quick|backward|tests|lowering|checks|bench) ;; *) echo "unknown part: $part" >&2; exit 2;; esac
@@ -88,5 +90,12 @@ if has bench; then
   python3 bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
   python3 bench/gpu_decode.py --out "$OUT" 2>&1 | tee "$OUT/gpu_decode.log" || status=1
   python3 bench/gpu_compiled.py --out "$OUT" 2>&1 | tee "$OUT/gpu_compiled.log" || status=1
+fi
+# The device tool returns at most 8 files of $OUT (session 8's bench part wrote 12, and the decode
+# report did not come back): past 8, everything goes back as one archive instead.
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  pack="$(mktemp -d)/gpu_run_$part.tar.gz"
+  tar czf "$pack" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "$pack" "$OUT/" \
+    && echo "more than 8 files: packed into $OUT/gpu_run_$part.tar.gz"
 fi
 exit $status
