@@ -126,7 +126,7 @@ def select(u: Tensor, topk: int, window: int, block_m: int, remember: bool = Fal
     selection for the backward of the same call (``kernels.selection_cache``, keyed by u), as
     the eager forward does when an input requires grad; the lowering sets it in a training
     graph's forward."""
-    from .selection import Selection
+    from .selection import Selection, padded_lists
     from .selection import select as torch_select
 
     width = topk + block_m if topk > 0 else 0
@@ -137,8 +137,7 @@ def select(u: Tensor, topk: int, window: int, block_m: int, remember: bool = Fal
         tau, evict, lists = sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous(), sel.block_index.contiguous()
     else:
         sel = torch_select(u, topk, window, block_m, fractional=False)
-        lists = sel.block_index.to(torch.int32)
-        lists = torch.nn.functional.pad(lists, (0, width - lists.shape[-1]), value=-1).contiguous()
+        lists = padded_lists(sel.block_index, width).contiguous()
         tau, evict = sel.tau.contiguous(), sel.evict.to(torch.int32).contiguous()
     if remember and topk > 0:
         from .kernels import selection_cache

@@ -61,6 +61,15 @@ class Selection:
     block_m: int
 
 
+def padded_lists(block_index: Tensor, width: int | None) -> Tensor:
+    """Gather lists [R, NB, L] as int32, padded with -1 to ``width`` entries (None, or not wider
+    than L: as they are); the fixed width the Inductor lowering asks for (``topk + block_m``)."""
+    lists = block_index.to(torch.int32)
+    if width is not None and lists.shape[-1] < width:
+        lists = torch.nn.functional.pad(lists, (0, width - lists.shape[-1]), value=-1)
+    return lists
+
+
 def candidate_counts(S: int, window: int, device=None) -> Tensor:
     """``n_i = max(0, i + 1 - window)``: the number of candidates of query ``i``. [S] int64."""
     return (torch.arange(S, device=device) + 1 - window).clamp_min(0)

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .. import cpu
 from ..cpu import _fractional_share
-from ..selection import fractional_ranges, range_counts
+from ..selection import fractional_ranges, padded_lists, range_counts
 from . import selection_cache
 from .forward import config as forward_config
 from .selection import select_for
@@ -421,9 +421,7 @@ def prepare(grad_out: Tensor, grad_lse: Tensor | None, out: Tensor, u: Tensor, t
     frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
     # evict clamped to S: the sweeps end there, and int32 cannot overflow.
     evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
-    lists = sel.block_index.to(torch.int32)
-    if list_width is not None and lists.shape[-1] < list_width:
-        lists = torch.nn.functional.pad(lists, (0, list_width - lists.shape[-1]), value=-1)
+    lists = padded_lists(sel.block_index, list_width)
     counts = (lists >= 0).sum(-1, dtype=torch.int32).contiguous()
     return shift, u64, tau, frac, evict, lists.contiguous(), counts
 
