@@ -73,20 +73,21 @@ def _template():
     return _TEMPLATE
 
 
-def _configs(cfg, tune: bool):
-    """(BN, warps, stages) choices at the eager config's rows (the selection's block size
-    depends on them, so autotuning keeps them): the eager config alone, or under max_autotune
-    the neighbours that sm_90 builds found reasonable (bench/NOTES.md, forward configs)."""
-    base = (cfg.block_n, cfg.num_warps, cfg.num_stages)
-    if not tune:
-        return [base]
+def configs(base: tuple, tune: bool, extra) -> list:
+    """(BN, warps, stages) choices of a template: the eager config ``base`` alone, or under
+    max_autotune ``base`` then each of ``extra`` not already there."""
     out = [base]
-    for bn in (32, 64):
-        for warps in (4, 8):
-            for stages in (2, 3):
-                if (bn, warps, stages) not in out:
-                    out.append((bn, warps, stages))
+    if tune:
+        out += [c for c in extra if c not in out]
     return out
+
+
+# The forward's extra choices: the neighbours that sm_90 builds found reasonable (bench/NOTES.md,
+# forward configs), all at the eager config's rows (the selection's block size depends on them).
+_FORWARD_EXTRA = tuple((bn, warps, stages) for bn in (32, 64) for warps in (4, 8) for stages in (2, 3))
+
+# The template's inputs, in the order of its kernel signature (templates.FORWARD).
+_INPUTS = ("Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE")
 
 
 def choose(template, name, inputs, layout, mutated, call_sizes, configs, options, input_gen_fns=None):
@@ -124,9 +125,8 @@ def _autotune_inputs(nodes: dict, topk: int, window: int, block_m: int):
     def gen(name):
         return lambda node: compat.example_like(node, selection()[name])
 
-    order = ["Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE"]
     names = ["U", "TAU", "EVICT", "LISTS"] if topk > 0 else ["U"]
-    return {order.index(name): gen(name) for name in names}
+    return {_INPUTS.index(name): gen(name) for name in names}
 
 
 def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
@@ -171,7 +171,8 @@ def lower_attention(q, k, v, u, topk, window, scale, backend="auto"):
         QSCALE=float(scale * forward.LOG2E),
     )
     inputs = [q, k, v, u, tau, evict, lists, lse]
-    nodes = dict(zip(["Q", "K", "V", "U", "TAU", "EVICT", "LISTS", "LSE"], inputs))
-    out = choose(_template(), "sparsek_attention", inputs, layout, [lse], [S, B * Hkv],
-                 _configs(cfg, bool(config.max_autotune)), options, _autotune_inputs(nodes, topk, window, BMQ))
+    nodes = dict(zip(_INPUTS, inputs))
+    choices = configs((cfg.block_n, cfg.num_warps, cfg.num_stages), bool(config.max_autotune), _FORWARD_EXTRA)
+    out = choose(_template(), "sparsek_attention", inputs, layout, [lse], [S, B * Hkv], choices, options,
+                 _autotune_inputs(nodes, topk, window, BMQ))
     return out, lse

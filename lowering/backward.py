@@ -25,7 +25,7 @@ import sympy
 import torch
 
 from . import compat, templates
-from .attention import _fall_back, _serves, choose
+from .attention import _fall_back, _serves, choose, configs
 
 
 @compat.symbolic_grid
@@ -85,11 +85,9 @@ def lower_attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, win
         dk_layout = ir.FixedLayout(device, acc or k.get_dtype(), dk_size,
                                    stride=ir.FlexibleLayout.contiguous_strides(dk_size))
         dv = lowering.empty_strided(dv_size, None, dtype=acc or v.get_dtype(), device=device)
-        configs = [(pl.BN, 4, pl.meta["num_stages"])]
-        if tune:
-            configs += [c for c in ((32, 4, 2), (64, 4, 3), (64, 8, 2)) if c not in configs]
+        choices = configs((pl.BN, 4, pl.meta["num_stages"]), tune, ((32, 4, 2), (64, 4, 3), (64, 8, 2)))
         dk = choose(_template("window_keys"), "sparsek_window_keys", [q, k, v, grad_out, lse32, shift, dv], dk_layout,
-                    [dv], [S, Hkv, B], configs, dict(common, BM=pl.meta["BM"]))
+                    [dv], [S, Hkv, B], choices, dict(common, BM=pl.meta["BM"]))
     else:
         dk = _zeros(lowering, dk_size, torch.float32, device)
         dv = _zeros(lowering, dv_size, torch.float32, device)
@@ -104,11 +102,9 @@ def lower_attention_backward(grad_out, grad_lse, q, k, v, u, out, lse, topk, win
 
     dq_size = [B, Hq, S, D]
     dq_layout = ir.FixedLayout(device, dtype, dq_size, stride=ir.FlexibleLayout.contiguous_strides(dq_size))
-    configs = [(pl.QN, pl.q_warps, pl.q_stages)]
-    if tune:
-        configs += [c for c in ((32, 8, 2), (64, 8, 3), (64, 8, 2)) if c not in configs]
+    choices = configs((pl.QN, pl.q_warps, pl.q_stages), tune, ((32, 8, 2), (64, 8, 3), (64, 8, 2)))
     inputs = [q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, lists, counts, crow]
-    dq = choose(_template("query"), "sparsek_query", inputs, dq_layout, [crow], [S, Hkv, B], configs,
+    dq = choose(_template("query"), "sparsek_query", inputs, dq_layout, [crow], [S, Hkv, B], choices,
                 dict(common, BM=pl.QM, HAS_SEL=has_sel, HAS_WIN=has_win),
                 _query_autotune_inputs(grad_out, out, u, topk, window, pl.QMQ) if tune and has_sel else None)
 
