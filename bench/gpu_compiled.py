@@ -5,8 +5,8 @@ Standard workload (DESIGN.md section 6): bf16, Hq = 16, D = 128, B * S = 32K, to
 
 * eager: ``sparsek_attention(..., backend="triton")``;
 * compiled: ``torch.compile`` of the same call (the Inductor lowering: the selection as an
-  extern call, the attention as the template; the backward is the eager Triton backward, called
-  by the compiled graph);
+  extern call, the attention as the template; the backward as its two templates between extern
+  calls of its other stages);
 * compiled + epilogue: the same with a pointwise epilogue (``gelu(out) * 2``), which Inductor
   fuses into the template's store, against eager's separate kernels.
 
