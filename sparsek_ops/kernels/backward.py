@@ -218,14 +218,17 @@ def _window_keys_block(Q, DO, LSE, SHIFT, k, v, j, valid, dk, dv, qb, b, h, S, H
     qi, g, real = tile_rows(qb, S, BM, G)
     q, do, lse, sh = load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
                                sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, G, D, DV_, BD, BDV)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    # Base 2 (exp2 is one instruction; exp is a multiply and exp2): qk2 = log2(e) scale q.k,
+    # lse2 = log2(e) lse, one multiply-add per score before the exponential.
+    qk2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+    lse2 = lse * 1.4426950408889634
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if MASKED:
         att = in_window(j, valid, qi, window) & real[:, None]
-        a = tl.where(att, tl.exp(qk - lse[:, None]), 0.0)
+        a = tl.where(att, tl.exp2(qk2 - lse2[:, None]), 0.0)
         ds = tl.where(att, a * (dp + sh[:, None]), 0.0)
     else:
-        a = tl.exp(qk - lse[:, None])
+        a = tl.exp2(qk2 - lse2[:, None])
         ds = a * (dp + sh[:, None])
     dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
