@@ -41,8 +41,6 @@ def main():
                     help="LIVE_PER_CHUNK values to try (chunk length model)")
     ap.add_argument("--start", nargs="+", default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}"],
                     help="chunk-start configs BLOCK:WARPS:PIVOTS to try")
-    ap.add_argument("--neighbour-rows", type=int, nargs="+", default=[gsel.NEIGHBOUR_ROWS],
-                    help="NEIGHBOUR_ROWS values to try (rows from which the chunk starts take two launches)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     rows = []
@@ -50,17 +48,14 @@ def main():
         B = max(1, args.tokens // S)
         for pair in args.pairs:
             topk, window = map(int, pair.split(":"))
-            for Hkv, live, start, nrows in [(h, e, c, n) for h in args.kv for e in args.live for c in args.start
-                                            for n in args.neighbour_rows]:
+            for Hkv, live, start in [(h, e, c) for h in args.kv for e in args.live for c in args.start]:
                 gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = map(int, start.split(":"))
                 gsel.LIVE_PER_CHUNK = live
-                gsel.NEIGHBOUR_ROWS = nrows
                 gsel._chunk_starts.cache_clear()
                 gsel.chunk_starts.cache_clear()
                 bm = 64 if Hkv == 16 else 8
                 u = torch.randn(B, Hkv, S, device="cuda", generator=torch.Generator("cuda").manual_seed(S))
                 r = {"S": S, "B": B, "Hkv": Hkv, "topk": topk, "window": window, "block_m": bm, "live": live, "start": start,
-                     "neighbour_rows": nrows,
                      "chunks": len(gsel._chunk_starts(S, topk))}
                 r["triton_fwd_ms"] = do_bench(lambda: gsel.select(u, topk, window, bm, fractional=False),
                                               warmup=5, rep=50, return_mode="median")

@@ -76,16 +76,13 @@ def _cpu_only():
 @pytest.mark.parametrize("kind", ["normal", "ties", "plateau", "large"])
 @pytest.mark.parametrize("S,topk,window,block_m,order", [(150, 7, 3, 8, 0.0), (97, 40, 0, 16, 1e9), (64, 70, 2, 4, 4.0),
                                                          (33, 1, 5, 64, 4.0)])
-@pytest.mark.parametrize("neighbour_rows", [1, 10**9])
-def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m, order, neighbour_rows):
+def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m, order):
     _cpu_only()
     g = gsel()
     # Short chunks, so that the walk crosses many chunk starts even at these sizes; chunk starts
-    # solved in rank order (order 0), position order (1e9) or both (4); in two launches, the odd
-    # chunks inside their neighbours' brackets (neighbour_rows 1), or in one.
+    # solved in rank order (order 0), position order (1e9) or both (4).
     monkeypatch.setattr(g, "LIVE_PER_CHUNK", 5)
     monkeypatch.setattr(g, "RANK_ORDER", order)
-    monkeypatch.setattr(g, "NEIGHBOUR_ROWS", neighbour_rows)
     g._chunk_starts.cache_clear()
     g.chunk_starts.cache_clear()
     try:
@@ -125,12 +122,7 @@ def test_chunk_starts_cover_every_prefix_and_start_at_k_plus_1():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["normal", "ties", "plateau", "large"])
 @pytest.mark.parametrize("S,topk,window,block_m", [(4096, 256, 256, 64), (20000, 1024, 1024, 8), (3000, 2999, 0, 16)])
-@pytest.mark.parametrize("neighbour_rows", [1, None])
-def test_gpu_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m, neighbour_rows):
-    """neighbour_rows 1: the chunk starts in two launches (odd chunks inside their neighbours'
-    brackets) on these 3 rows too; None: the module's choice (one launch below 8 rows)."""
-    if neighbour_rows is not None:
-        monkeypatch.setattr(gsel(), "NEIGHBOUR_ROWS", neighbour_rows)
+def test_gpu_matches_pytorch_selection(kind, S, topk, window, block_m):
     assert_same_selection(scores(kind, 3, S, seed=S, device="cuda"), topk, window, block_m)
 
 

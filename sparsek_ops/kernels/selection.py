@@ -57,9 +57,6 @@ MAX_CHUNK = 4096
 PIVOTS = 8  # breakpoints tried per pass of the start search (passes ~ log_9(2S))
 START_BLOCK, START_WARPS = 512, 4  # chunk-start tiles (scores per step) and warps
 RANK_ORDER = 4.0  # chunk starts scan in rank order from a0 >= sqrt(RANK_ORDER * (k + 1) * S)
-# From this many rows (B * H) on, the chunk starts run in two launches, the odd chunks bracketed by
-# their solved neighbours (less work in all; the longest start is not shortened).
-NEIGHBOUR_ROWS = 8
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,21 +197,16 @@ def _f_pass(X, PSX, n_items, a0, BY_RANK, t, t_lo, t_hi, PIV: tl.constexpr, BLK:
 @triton.jit(do_not_specialize=["S", "k"])
 def _chunk_start(
     U, VALS, PS, RANK, IU, IV, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
-    S, k, NC, rank_order_from, c_first, c_step,
-    PIV: tl.constexpr, BLK: tl.constexpr, SLACK: tl.constexpr, NEIGH: tl.constexpr,
+    S, k, NC, rank_order_from,
+    PIV: tl.constexpr, BLK: tl.constexpr, SLACK: tl.constexpr,
 ):
-    """Solve the first prefix (a0 pairs) of chunk c = c_first + c_step * program_id(0). Writes
-    STATE_I[r, c] = (ptr, cA, cB, K, tsize) and STATE_F[r, c] = (tau, sA, sB, shift); see _walk
-    for their meaning.
+    """Solve the first prefix (a0 pairs) of chunk c from scratch. Writes STATE_I[r, c] = (ptr, cA,
+    cB, K, tsize) and STATE_F[r, c] = (tau, sA, sB, shift); see _walk for their meaning.
 
     The scans run over the scores in rank order when a0 >= rank_order_from (late chunks: the
     k + 1 best positions < a0 are met early, and only scores above the bracket are read), else
-    over the first a0 positions (early chunks: a0 is small). NEIGH: chunks c - 1 and c + 1 (if
-    any) are solved already, and their answers bracket this one's (K(n) never grows with n, and
-    the threshold's breakpoint index never falls, fact 1): the searches start from those brackets
-    instead of the whole row, so they take fewer passes, and each pass finds fewer scores inside
-    the bracket (``_f_pass`` meets every pivot with those alone)."""
-    c = c_first + c_step * tl.program_id(0)
+    over the first a0 positions (early chunks: a0 is small)."""
+    c = tl.program_id(0)
     r = tl.program_id(1)
     a0 = tl.load(STARTS + c)
     P = 2 * S
@@ -267,14 +259,6 @@ def _chunk_start(
         j = tl.arange(0, PIV)
         lo_r = -1  # count(<= lo_r) < k
         hi_r = S - 1  # count(<= hi_r) >= k
-        if NEIGH:
-            # k of the first a_prev ranks are <= K(a_prev) (when a_prev > k), and fewer than k of
-            # the first a_next are below K(a_next): both bounds hold for a0 in between.
-            a_prev = tl.load(STARTS + c - 1)
-            k_prev = tl.load(STATE_I + (r * NC + c - 1) * 5 + 3)
-            hi_r = tl.where(a_prev > k, tl.minimum(hi_r, k_prev), hi_r)
-            k_next = tl.load(STATE_I + (r * NC + c + 1) * 5 + 3, mask=c + 1 < NC, other=0)
-            lo_r = tl.where(c + 1 < NC, tl.maximum(lo_r, k_next - 1), lo_r)
         while hi_r - lo_r > 1:
             m = lo_r + ((hi_r - lo_r) * (j + 1)) // (PIV + 1)
             m = tl.minimum(tl.maximum(m, lo_r + 1), hi_r - 1)
@@ -301,13 +285,6 @@ def _chunk_start(
         # and f <= k - 1 at v_k (breakpoint IUR[K]).
         lo = tl.load(IVR + r * S + K1)
         hi = tl.load(IUR + r * S + K)
-        if NEIGH:
-            # f grows with the prefix, so the largest breakpoint index with f >= k - slack never
-            # falls: at least chunk c - 1's (ptr - 1; ptr = 0 there when a_prev <= k), and the
-            # breakpoint where chunk c + 1's f fell short (its ptr) is short here too.
-            lo = tl.maximum(lo, tl.load(STATE_I + (r * NC + c - 1) * 5) - 1)
-            ptr_next = tl.load(STATE_I + (r * NC + c + 1) * 5, mask=c + 1 < NC, other=0)
-            hi = tl.where(c + 1 < NC, tl.minimum(hi, ptr_next), hi)
         j = tl.arange(0, PIV)
         kf = tl.full([], k, tl.float64) - SLACK
         while hi - lo > 1:
@@ -651,17 +628,10 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     # Rank order pays about (k + 1) * S / a0 ranks to meet the k + 1 best of the first a0
     # positions; position order pays a0 per pass: switch where they cross (random order model).
     rank_order_from = int(math.sqrt(RANK_ORDER * (topk + 1) * S))
-    args = (uc, vals, ps, rank, iu, iv, iur, ivr, bval, starts, state_i, state_f, S, topk, NC, rank_order_from)
-    meta = dict(PIV=PIVOTS, BLK=START_BLOCK, SLACK=F_SLACK, num_warps=START_WARPS)
-    if R >= NEIGHBOUR_ROWS and NC >= 3:
-        # Many rows fill the GPU, and the time is the chunk starts' total work: the even chunks
-        # from scratch, then the odd ones inside their neighbours' brackets.
-        _chunk_start[(-(-NC // 2), R)](*args, 0, 2, NEIGH=False, **meta)
-        _chunk_start[(NC // 2, R)](*args, 1, 2, NEIGH=True, **meta)
-    else:
-        # Few rows: the time is the longest chunk start (a search from scratch near
-        # rank_order_from), so one launch.
-        _chunk_start[(NC, R)](*args, 0, 1, NEIGH=False, **meta)
+    _chunk_start[(NC, R)](
+        uc, vals, ps, rank, iu, iv, iur, ivr, bval, starts, state_i, state_f,
+        S, topk, NC, rank_order_from, PIV=PIVOTS, BLK=START_BLOCK, SLACK=F_SLACK, num_warps=START_WARPS,
+    )
     tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
     tau = torch.empty(R, S, dtype=torch.float64, device=dev)
     k_n = torch.empty(R, S + 1, dtype=torch.int32, device=dev)
