@@ -13,8 +13,6 @@ import os
 import torch
 import triton
 
-from sparsek_ops import cpu
-from sparsek_ops.kernels import slots
 from sparsek_ops.kernels.selection import select_for
 from sparsek_ops.selection import fractional_ranges
 
