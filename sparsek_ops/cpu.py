@@ -26,7 +26,6 @@ Math (DESIGN.md section 2 and section 3, fact 5), per query i and attended key j
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

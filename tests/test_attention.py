@@ -1,6 +1,5 @@
 """SPARSEK attention against the float64 reference (DESIGN.md sections 2 and 5)."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
