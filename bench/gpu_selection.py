@@ -39,8 +39,10 @@ def main():
     ap.add_argument("--torch-max", type=int, default=32768, help="largest S to also time the PyTorch selection at")
     ap.add_argument("--live", type=int, nargs="+", default=[gsel.LIVE_PER_CHUNK],
                     help="LIVE_PER_CHUNK values to try (chunk length model)")
-    ap.add_argument("--start", nargs="+", default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}"],
-                    help="chunk-start configs BLOCK:WARPS:PIVOTS to try")
+    ap.add_argument("--start", nargs="+",
+                    default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}:{gsel.START_GROUP}"],
+                    help="chunk-start configs BLOCK:WARPS:PIVOTS[:GROUP] to try (positions per sorted block, "
+                         "warps, pivots per pass, blocks searched at once)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     rows = []
@@ -49,7 +51,9 @@ def main():
         for pair in args.pairs:
             topk, window = map(int, pair.split(":"))
             for Hkv, live, start in [(h, e, c) for h in args.kv for e in args.live for c in args.start]:
-                gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = map(int, start.split(":"))
+                cfg = list(map(int, start.split(":")))
+                gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = cfg[:3]
+                gsel.START_GROUP = cfg[3] if len(cfg) > 3 else gsel.START_GROUP
                 gsel.LIVE_PER_CHUNK = live
                 gsel._chunk_starts.cache_clear()
                 gsel.chunk_starts.cache_clear()

@@ -74,15 +74,17 @@ def _cpu_only():
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "plateau", "large"])
-@pytest.mark.parametrize("S,topk,window,block_m,order", [(150, 7, 3, 8, 0.0), (97, 40, 0, 16, 1e9), (64, 70, 2, 4, 4.0),
-                                                         (33, 1, 5, 64, 4.0)])
-def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m, order):
+@pytest.mark.parametrize("S,topk,window,block_m,block,group", [(150, 7, 3, 8, 16, 2), (97, 40, 0, 16, 32, 64),
+                                                               (64, 70, 2, 4, 16, 1), (33, 1, 5, 64, 512, 64)])
+def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, window, block_m, block, group):
     _cpu_only()
     g = gsel()
     # Short chunks, so that the walk crosses many chunk starts even at these sizes; chunk starts
-    # solved in rank order (order 0), position order (1e9) or both (4).
+    # on sorted blocks of 16 or 32 positions (many full blocks, searched 1, 2 or 64 at a time,
+    # and a partial one) or 512 (the partial block alone).
     monkeypatch.setattr(g, "LIVE_PER_CHUNK", 5)
-    monkeypatch.setattr(g, "RANK_ORDER", order)
+    monkeypatch.setattr(g, "START_BLOCK", block)
+    monkeypatch.setattr(g, "START_GROUP", group)
     g._chunk_starts.cache_clear()
     g.chunk_starts.cache_clear()
     try:

@@ -9,10 +9,12 @@ what decoding does, in many chunks at once:
   early, where nearly every new pair changes the selection, longer ones later, where most new
   pairs fall below the threshold and change nothing).
 * ``_chunk_start`` (one program per chunk) solves the chunk's first prefix from scratch:
-  the k-th best rank ``K(n)`` (pair j is in the top-k iff ``rank_j <= K(n)``) by a scan of the
-  positions in rank order, and ``tau(n)`` by a multi-pivot search over the sorted breakpoints
-  (every ``u`` and ``u - 1``; the same set and the same bracket rule as ``prefix_threshold``),
-  each pivot pass summing only the scores above the bracket.
+  the k-th best rank ``K(n)`` (pair j is in the top-k iff ``rank_j <= K(n)``) and ``tau(n)``,
+  each by a multi-pivot search (tau's over the sorted breakpoints, every ``u`` and ``u - 1``;
+  the same set and the same bracket rule as ``prefix_threshold``). Each pass asks counts and
+  sums over the first n positions, answered by binary searches in blocks of positions sorted
+  once per row (``_rank_counts``, ``_above``), so a pass costs about log2(block) dependent
+  loads, not a scan of n scores.
 * ``_walk`` (one warp per chunk) then adds the chunk's pairs one by one. A pair below the
   threshold that does not enter the top-k changes nothing (facts 1, 2): a whole tile of such
   pairs is skipped with vector tests. A live pair updates the top-k (evicting the worst pair,
@@ -29,8 +31,9 @@ Differences from ``selection.select``: gather lists are in rank order (best firs
 position order, not ascending; ``evict`` and ``block_index`` are int32. ``|F|`` (backward only)
 comes from sorts and searchsorted (``fractional_counts``): no syncs, no scatters.
 
-Cost: one sort of the scores, O(S log S) to merge the breakpoints, O(min(a0, k S / a0 + band))
-per chunk start (about (k/64)(1 + 3 ln(S/k)) chunks per row), and per chunk about
+Cost: one sort of the scores and one of every block of positions, O(S log S) to merge the
+breakpoints, O((a0 / block) log(block) + block) per pass of a chunk start (about
+(k/64)(1 + 3 ln(S/k)) chunks per row), and per chunk about
 ``LIVE_PER_CHUNK`` live pairs of a few dependent memory round trips each. Measured numbers:
 bench/NOTES.md ("GPU selection").
 """
@@ -38,9 +41,9 @@ bench/NOTES.md ("GPU selection").
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -55,8 +58,8 @@ LIVE_PER_CHUNK = 128
 LIVE_RATE = 3.0
 MAX_CHUNK = 4096
 PIVOTS = 8  # breakpoints tried per pass of the start search (passes ~ log_9(2S))
-START_BLOCK, START_WARPS = 512, 4  # chunk-start tiles (scores per step) and warps
-RANK_ORDER = 4.0  # chunk starts scan in rank order from a0 >= sqrt(RANK_ORDER * (k + 1) * S)
+START_BLOCK, START_WARPS = 512, 4  # chunk starts: positions per sorted block, warps
+START_GROUP = 64  # blocks searched at once by a chunk start
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,80 +141,132 @@ def _prepare(
 
 
 @triton.jit
-def _item(X, PSX, i, n_items, a0, BY_RANK):
-    """Item i of a scan: its score and whether it is among the first a0 positions. By rank, the
-    items are all S scores in descending order (PSX: their positions); by position, the first
-    a0 scores."""
-    inr = i < n_items
-    x = tl.load(X + i, mask=inr, other=float("-inf"))
-    if BY_RANK:
-        pres = tl.load(PSX + i, mask=inr, other=2147483647) < a0
-    else:
-        pres = inr
-    return x, pres
+def _rank_counts(SRANK, RANK, m, nfull, a0, PB: tl.constexpr, NBG: tl.constexpr, STEPS: tl.constexpr):
+    """[M] int32: how many of the first a0 positions have rank <= m, for the M ranks m [M].
+
+    The first ``nfull * PB`` positions by blocks of PB, each block's ranks sorted (SRANK: a
+    binary search per (rank, block), NBG blocks at a time); the rest, fewer than PB positions,
+    read directly (RANK)."""
+    offs_b = tl.arange(0, NBG)
+    cnt = tl.sum(tl.zeros_like(m[:, None] + offs_b[None, :]), 1)
+    for g0 in range(0, nfull, NBG):
+        b = g0 + offs_b
+        okb = (b < nfull)[None, :]
+        base = SRANK + b[None, :] * PB
+        lo = tl.zeros_like(m[:, None] + offs_b[None, :])  # entries < lo are <= m
+        hi = lo + PB  # entries >= hi are > m
+        for _ in tl.static_range(STEPS):
+            act = lo < hi
+            mid = (lo + hi) // 2
+            x = tl.load(base + tl.minimum(mid, PB - 1), mask=okb & act, other=0)
+            le = x <= m[:, None]
+            lo = tl.where(act & le, mid + 1, lo)
+            hi = tl.where(act & ~le, mid, hi)
+        cnt += tl.sum(tl.where(okb, lo, 0), 1)
+    pos = nfull * PB + tl.arange(0, PB)
+    rk = tl.load(RANK + pos, mask=pos < a0, other=2147483647)
+    return cnt + tl.sum((rk[:, None] <= m[None, :]).to(tl.int32), 0)
 
 
 @triton.jit
-def _f_pass(X, PSX, n_items, a0, BY_RANK, t, t_lo, t_hi, PIV: tl.constexpr, BLK: tl.constexpr):
-    """f(t_j) = sum over present scores of clip(u - t_j, 0, 1) for the PIV pivots t_j, which lie
-    in [t_lo, t_hi]. f = G(t) - G(t + 1), G(x) = sum over u > x of (u - x): scores above t_hi (or
-    t_hi + 1) enter G by their count and sum alone; only those in the band (t_lo, t_hi] (or
-    (t_lo + 1, t_hi + 1]) meet every pivot. By rank, the scan stops below t_lo."""
-    offs = tl.arange(0, BLK)
+def _next_rank(SRANK, RANK, K, nfull, a0, PB: tl.constexpr, NBG: tl.constexpr, STEPS: tl.constexpr):
+    """The smallest rank above K among the first a0 positions (2**31 - 1 if none), by the
+    same binary searches as ``_rank_counts``: in each block, the first sorted rank above K."""
+    big: tl.constexpr = 2147483647
+    offs_b = tl.arange(0, NBG)
+    best = tl.full([NBG], big, tl.int32)
+    for g0 in range(0, nfull, NBG):
+        b = g0 + offs_b
+        okb = b < nfull
+        base = SRANK + b * PB
+        lo = tl.zeros([NBG], tl.int32)
+        hi = lo + PB
+        for _ in tl.static_range(STEPS):
+            act = lo < hi
+            mid = (lo + hi) // 2
+            x = tl.load(base + tl.minimum(mid, PB - 1), mask=okb & act, other=0)
+            le = x <= K
+            lo = tl.where(act & le, mid + 1, lo)
+            hi = tl.where(act & ~le, mid, hi)
+        first = tl.load(base + tl.minimum(lo, PB - 1), mask=okb & (lo < PB), other=big)
+        best = tl.minimum(best, first)
+    pos = nfull * PB + tl.arange(0, PB)
+    rk = tl.load(RANK + pos, mask=pos < a0, other=big)
+    return tl.minimum(tl.min(best, 0), tl.min(tl.where(rk > K, rk, big), 0))
+
+
+@triton.jit
+def _above(SVALS, PSUM, U, thr, m1, nfull, a0, T: tl.constexpr,
+           PB: tl.constexpr, NBG: tl.constexpr, STEPS: tl.constexpr):
+    """Count [T] int32 and sum [T] float64 of the scores u among the first a0 positions with
+    ``u > thr`` (where m1 is 1: ``u - 1 > thr``, as the (u - 1)-breakpoints compare), for the T
+    thresholds thr [T]. Full blocks of PB positions: each block's scores sorted descending
+    (SVALS, -inf padding) with their running sums (PSUM), so the scores that pass form a prefix,
+    found by a binary search; the rest read directly (U)."""
+    offs_b = tl.arange(0, NBG)
+    minus = (m1 != 0)[:, None]
+    cnt = tl.zeros([T], tl.int32)
+    tot = tl.zeros([T], tl.float64)
+    for g0 in range(0, nfull, NBG):
+        b = g0 + offs_b
+        okb = (b < nfull)[None, :]
+        base = b[None, :] * PB
+        lo = tl.zeros([T, NBG], tl.int32)  # entries < lo pass
+        hi = lo + PB  # entries >= hi do not
+        for _ in tl.static_range(STEPS):
+            act = lo < hi
+            mid = (lo + hi) // 2
+            x = tl.load(SVALS + base + tl.minimum(mid, PB - 1), mask=okb & act, other=float("-inf"))
+            ok = tl.where(minus, x - 1.0, x) > thr[:, None]
+            lo = tl.where(act & ok, mid + 1, lo)
+            hi = tl.where(act & ~ok, mid, hi)
+        s = tl.load(PSUM + base + tl.maximum(lo - 1, 0), mask=okb & (lo > 0), other=0.0)
+        cnt += tl.sum(tl.where(okb, lo, 0), 1)
+        tot += tl.sum(s, 1)
+    pos = nfull * PB + tl.arange(0, PB)
+    inp = pos < a0
+    x = tl.load(U + pos, mask=inp, other=float("-inf"))
+    ok = inp[None, :] & (tl.where(minus, x[None, :] - 1.0, x[None, :]) > thr[:, None])
+    cnt += tl.sum(ok.to(tl.int32), 1)
+    tot += tl.sum(tl.where(ok, x[None, :], 0.0), 1)
+    return cnt, tot
+
+
+@triton.jit
+def _f_at(SVALS, PSUM, U, t, nfull, a0, PIV: tl.constexpr, PB: tl.constexpr, NBG: tl.constexpr,
+          STEPS: tl.constexpr):
+    """f(t_j) = sum over the first a0 scores of clip(u - t_j, 0, 1) for the pivots t [PIV]:
+    G(t) - G(t + 1), G(x) = sum over u > x of (u - x); both thresholds of every pivot searched
+    together."""
     t1 = t + 1.0
-    t_lo1 = t_lo + 1.0
-    t_hi1 = t_hi + 1.0
-    s1 = tl.zeros([BLK], tl.float64)
-    s2 = tl.zeros([BLK], tl.float64)
-    c1 = tl.zeros([BLK], tl.int32)
-    c2 = tl.zeros([BLK], tl.int32)
-    g1 = tl.zeros([PIV], tl.float64)
-    g2 = tl.zeros([PIV], tl.float64)
-    i0 = 0
-    go = n_items > 0
-    while go:
-        x, pres = _item(X, PSX, i0 + offs, n_items, a0, BY_RANK)
-        above1 = pres & (x > t_hi)
-        above2 = pres & (x > t_hi1)
-        s1 += tl.where(above1, x, 0.0)
-        c1 += above1.to(tl.int32)
-        s2 += tl.where(above2, x, 0.0)
-        c2 += above2.to(tl.int32)
-        band1 = pres & (x > t_lo) & ~above1
-        band2 = pres & (x > t_lo1) & ~above2
-        if tl.max((band1 | band2).to(tl.int32), 0) > 0:
-            d1 = x[:, None] - t[None, :]
-            d2 = x[:, None] - t1[None, :]
-            g1 += tl.sum(tl.where(band1[:, None] & (d1 > 0), d1, 0.0), 0)
-            g2 += tl.sum(tl.where(band2[:, None] & (d2 > 0), d2, 0.0), 0)
-        i0 += BLK
-        go = i0 < n_items
-        if BY_RANK:
-            go = go & (tl.min(x, 0) > t_lo)
-    G1 = (tl.sum(s1, 0) - t * tl.sum(c1, 0)) + g1
-    G2 = (tl.sum(s2, 0) - t1 * tl.sum(c2, 0)) + g2
-    return G1 - G2
+    thr = tl.reshape(tl.join(t, t1), [2 * PIV])
+    c, s = _above(SVALS, PSUM, U, thr, tl.zeros([2 * PIV], tl.int32), nfull, a0, 2 * PIV, PB, NBG, STEPS)
+    c1, c2 = tl.split(tl.reshape(c, [PIV, 2]))
+    s1, s2 = tl.split(tl.reshape(s, [PIV, 2]))
+    return (s1 - t * c1) - (s2 - t1 * c2)
 
 
 # S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
 @triton.jit(do_not_specialize=["S", "k"])
 def _chunk_start(
-    U, VALS, PS, RANK, IU, IV, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
-    S, k, NC, rank_order_from,
-    PIV: tl.constexpr, BLK: tl.constexpr, SLACK: tl.constexpr,
+    U, RANK, SRANK, SVALS, PSUM, IUR, IVR, BVAL, STARTS, STATE_I, STATE_F,
+    S, k, NC, NBLK,
+    PIV: tl.constexpr, PB: tl.constexpr, NBG: tl.constexpr, STEPS: tl.constexpr, SLACK: tl.constexpr,
 ):
     """Solve the first prefix (a0 pairs) of chunk c from scratch. Writes STATE_I[r, c] = (ptr, cA,
     cB, K, tsize) and STATE_F[r, c] = (tau, sA, sB, shift); see _walk for their meaning.
 
-    The scans run over the scores in rank order when a0 >= rank_order_from (late chunks: the
-    k + 1 best positions < a0 are met early, and only scores above the bracket are read), else
-    over the first a0 positions (early chunks: a0 is small)."""
+    Every question about the first a0 positions (how many have rank <= m; how many scores, and
+    their sum, lie above x) is answered from the row's blocks of PB positions, each sorted once
+    (``_rank_counts``, ``_next_rank``, ``_above``): binary searches in the a0 // PB full blocks,
+    NBG blocks at a time, and one direct read of the last, partial block. So a pass of a search
+    costs about log2(PB) dependent loads, whatever a0 is, instead of a scan of a0 scores (the
+    longest chunk starts scanned about 10K scores per pass at S = 32K)."""
     c = tl.program_id(0)
     r = tl.program_id(1)
     a0 = tl.load(STARTS + c)
     P = 2 * S
-    offs = tl.arange(0, BLK)
-    big: tl.constexpr = 2147483647
+    offs = tl.arange(0, PB)
     tsize = tl.minimum(a0, k)
     ptr = 0
     cA = 0
@@ -220,80 +275,47 @@ def _chunk_start(
     sA = tl.zeros([], tl.float64)
     sB = tl.zeros([], tl.float64)
     shift = tl.zeros([], tl.float64)
-    by_rank = a0 >= rank_order_from
-    if by_rank:
-        X = VALS + r * S
-        PSX = PS + r * S
-        IUX = IUR + r * S
-        IVX = IVR + r * S
-        n_items = S
-    else:
-        X = U + r * S
-        PSX = PS + r * S  # unused by position
-        IUX = IU + r * S
-        IVX = IV + r * S
-        n_items = a0
-    K = -1
-    K1 = -1
+    RANK_ROW = RANK + r * S
+    U_ROW = U + r * S
+    nfull = a0 // PB
+    rb = r.to(tl.int64) * NBLK * PB
+    SRANK_ROW = SRANK + rb
+    SVALS_ROW = SVALS + rb
+    PSUM_ROW = PSUM + rb
     if a0 <= k:
         # At most k candidates: all are kept. K = the largest rank among them.
-        kk = tl.full([BLK], -1, tl.int32)
-        for p0 in range(0, a0, BLK):
+        kk = tl.full([PB], -1, tl.int32)
+        for p0 in range(0, a0, PB):
             pos = p0 + offs
-            kk = tl.maximum(kk, tl.load(RANK + r * S + pos, mask=pos < a0, other=-1))
+            kk = tl.maximum(kk, tl.load(RANK_ROW + pos, mask=pos < a0, other=-1))
         K = tl.max(kk, 0)
-    elif by_rank:
-        # K, K1: the ranks at which the k-th and (k+1)-th positions < a0 are met.
-        seen = 0
-        r0 = 0
-        while K1 < 0:
-            rr = r0 + offs
-            inside = (tl.load(PSX + rr, mask=rr < S, other=big) < a0).to(tl.int32)
-            cum = seen + tl.cumsum(inside, 0)
-            K = tl.maximum(K, tl.max(tl.where((cum == k) & (inside > 0), rr, -1), 0))
-            K1 = tl.max(tl.where((cum == k + 1) & (inside > 0), rr, -1), 0)
-            seen = seen + tl.sum(inside, 0)
-            r0 += BLK
     else:
-        # K: the smallest rank R with k of the first a0 ranks <= R, by pivot passes over them.
+        # K: the smallest rank R with k of the first a0 ranks <= R, by pivot passes; K1: the
+        # next rank among them.
         j = tl.arange(0, PIV)
         lo_r = -1  # count(<= lo_r) < k
         hi_r = S - 1  # count(<= hi_r) >= k
         while hi_r - lo_r > 1:
             m = lo_r + ((hi_r - lo_r) * (j + 1)) // (PIV + 1)
             m = tl.minimum(tl.maximum(m, lo_r + 1), hi_r - 1)
-            cnt = tl.zeros([PIV], tl.int32)
-            for p0 in range(0, a0, BLK):
-                pos = p0 + offs
-                rk = tl.load(RANK + r * S + pos, mask=pos < a0, other=big)
-                cnt += tl.sum((rk[:, None] <= m[None, :]).to(tl.int32), 0)
-            ok = cnt >= k
+            ok = _rank_counts(SRANK_ROW, RANK_ROW, m, nfull, a0, PB, NBG, STEPS) >= k
             new_hi = tl.min(tl.where(ok, m, hi_r), 0)
             new_lo = tl.max(tl.where(ok, lo_r, m), 0)
             hi_r = new_hi
             lo_r = new_lo
         K = hi_r
-        nxt = tl.full([BLK], big, tl.int32)
-        for p0 in range(0, a0, BLK):
-            pos = p0 + offs
-            rk = tl.load(RANK + r * S + pos, mask=pos < a0, other=big)
-            nxt = tl.minimum(nxt, tl.where(rk > K, rk, big))
-        K1 = tl.min(nxt, 0)
-    if a0 > k:
+        K1 = _next_rank(SRANK_ROW, RANK_ROW, K, nfull, a0, PB, NBG, STEPS)
         # tau: the largest breakpoint index m with f(bval[m]) >= k - slack, the rule of
         # selection.prefix_threshold. Bracket: f >= k + 1 at v_{k+1} - 1 (breakpoint IVR[K1])
         # and f <= k - 1 at v_k (breakpoint IUR[K]).
         lo = tl.load(IVR + r * S + K1)
         hi = tl.load(IUR + r * S + K)
-        j = tl.arange(0, PIV)
         kf = tl.full([], k, tl.float64) - SLACK
         while hi - lo > 1:
             m = lo + ((hi - lo) * (j + 1)) // (PIV + 1)
             m = tl.minimum(tl.maximum(m, lo + 1), hi - 1)
             t = tl.load(BVAL + r * P + m)
-            t_lo = tl.load(BVAL + r * P + lo)
-            t_hi = tl.load(BVAL + r * P + hi)
-            ok = _f_pass(X, PSX, n_items, a0, by_rank, t, t_lo, t_hi, PIV, BLK) >= kf
+            ok = _f_at(SVALS_ROW, PSUM_ROW, U_ROW, t, nfull, a0, PIV, PB, NBG, STEPS) >= kf
             new_lo = tl.max(tl.where(ok, m, lo), 0)
             new_hi = tl.min(tl.where(ok, hi, m), 0)
             lo = new_lo
@@ -301,33 +323,16 @@ def _chunk_start(
         ptr = lo + 1
         b_lo = tl.load(BVAL + r * P + lo)
         # Counts and sums of the linear piece right of b_lo: A = {u > b_lo} (u-breakpoint not yet
-        # crossed), B = {u - 1 > b_lo}; sums of (u - shift), shift = b_lo, to keep them small.
+        # crossed: every breakpoint equal to b_lo has an index <= lo, so "index >= ptr" is
+        # "value > b_lo"), B = {u - 1 > b_lo}; sums of (u - shift), shift = b_lo.
         shift = b_lo
-        cAv = tl.zeros([BLK], tl.int32)
-        cBv = tl.zeros([BLK], tl.int32)
-        sAv = tl.zeros([BLK], tl.float64)
-        sBv = tl.zeros([BLK], tl.float64)
-        i0 = 0
-        go = True
-        while go:
-            i = i0 + offs
-            x, pres = _item(X, PSX, i, n_items, a0, by_rank)
-            iu = tl.load(IUX + i, mask=i < n_items, other=-1)
-            iv = tl.load(IVX + i, mask=i < n_items, other=-1)
-            inA = pres & (iu >= ptr)
-            inB = pres & (iv >= ptr)
-            cAv += inA.to(tl.int32)
-            cBv += inB.to(tl.int32)
-            sAv += tl.where(inA, x - shift, 0.0)
-            sBv += tl.where(inB, x - shift, 0.0)
-            i0 += BLK
-            go = i0 < n_items
-            if by_rank:
-                go = go & (tl.min(x, 0) > b_lo)
-        cA = tl.sum(cAv, 0)
-        cB = tl.sum(cBv, 0)
-        sA = tl.sum(sAv, 0)
-        sB = tl.sum(sBv, 0)
+        two = tl.arange(0, 2)
+        cnt, tot = _above(SVALS_ROW, PSUM_ROW, U_ROW, tl.zeros([2], tl.float64) + b_lo, two, nfull, a0, 2,
+                          PB, NBG, STEPS)
+        cA = tl.sum(tl.where(two == 0, cnt, 0), 0)
+        cB = tl.sum(tl.where(two == 1, cnt, 0), 0)
+        sA = tl.sum(tl.where(two == 0, tot, 0.0), 0) - shift * cA
+        sB = tl.sum(tl.where(two == 1, tot, 0.0), 0) - shift * cB
         b_hi = tl.load(BVAL + r * P + tl.minimum(ptr, P - 1))
         b_hi = tl.where(ptr < P, b_hi, float("inf"))
         tau = _solve(b_lo, sA, sB, cA, cB, shift, k, b_hi)
@@ -625,12 +630,18 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     NC = starts.numel() - 1
     state_i = torch.empty(R, NC, 5, dtype=torch.int32, device=dev)
     state_f = torch.empty(R, NC, 4, dtype=torch.float64, device=dev)
-    # Rank order pays about (k + 1) * S / a0 ranks to meet the k + 1 best of the first a0
-    # positions; position order pays a0 per pass: switch where they cross (random order model).
-    rank_order_from = int(math.sqrt(RANK_ORDER * (topk + 1) * S))
+    # Blocks of START_BLOCK positions, each sorted by rank (so by score, descending), with the
+    # running sums of their scores: every count or sum over a prefix of positions that a chunk
+    # start asks for is a binary search per full block (_chunk_start).
+    PB = START_BLOCK
+    NBLK = -(-S // PB)
+    srank = torch.sort(F.pad(rank, (0, NBLK * PB - S), value=S).view(R * NBLK, PB), dim=1).values.view(R, -1)
+    svals = F.pad(vals, (0, 1), value=float("-inf")).gather(1, srank.long())  # rank S: padding
+    psum = torch.where(srank < S, svals, 0.0).view(R * NBLK, PB).cumsum(1).view(R, -1)
     _chunk_start[(NC, R)](
-        uc, vals, ps, rank, iu, iv, iur, ivr, bval, starts, state_i, state_f,
-        S, topk, NC, rank_order_from, PIV=PIVOTS, BLK=START_BLOCK, SLACK=F_SLACK, num_warps=START_WARPS,
+        uc, rank, srank, svals, psum, iur, ivr, bval, starts, state_i, state_f,
+        S, topk, NC, NBLK, PIV=PIVOTS, PB=PB, NBG=min(START_GROUP, triton.next_power_of_2(NBLK)),
+        STEPS=PB.bit_length(), SLACK=F_SLACK, num_warps=START_WARPS,
     )
     tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
     tau = torch.empty(R, S, dtype=torch.float64, device=dev)
