@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--live", type=int, nargs="+", default=[gsel.LIVE_PER_CHUNK],
                     help="LIVE_PER_CHUNK values to try (chunk length model)")
     ap.add_argument("--start", nargs="+",
-                    default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}:{gsel.START_GROUP}"],
+                    default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}:{getattr(gsel, 'START_GROUP', 0)}"],
                     help="chunk-start configs BLOCK:WARPS:PIVOTS[:GROUP] to try (positions per sorted block, "
                          "warps, pivots per pass, blocks searched at once)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -53,7 +53,8 @@ def main():
             for Hkv, live, start in [(h, e, c) for h in args.kv for e in args.live for c in args.start]:
                 cfg = list(map(int, start.split(":")))
                 gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = cfg[:3]
-                gsel.START_GROUP = cfg[3] if len(cfg) > 3 else gsel.START_GROUP
+                if len(cfg) > 3 and cfg[3]:  # (a copy from before the sorted blocks has no START_GROUP)
+                    gsel.START_GROUP = cfg[3]
                 gsel.LIVE_PER_CHUNK = live
                 gsel._chunk_starts.cache_clear()
                 gsel.chunk_starts.cache_clear()
