@@ -23,11 +23,14 @@ from sparsek_ops.kernels import selection as gsel
 
 def breakdown(fn) -> dict[str, float]:
     """The largest kernels of ``fn``: name (60 characters) -> ms per call, summed over the kernels
-    that share those characters (the passes of a radix sort, say), the eight largest kept."""
+    that share those characters (the passes of a radix sort, say), the eight largest kept, and the
+    sum over all of them as "all kernels" (the selection's GPU time, without the host's)."""
     out: dict[str, float] = {}
     for ms, _, name in kernel_times(fn):
         out[name[:60]] = out.get(name[:60], 0.0) + ms
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    top = dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    top["all kernels"] = sum(out.values())
+    return top
 
 
 def main():
