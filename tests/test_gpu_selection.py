@@ -105,6 +105,39 @@ def test_interpreter_nan_topk0_and_tiny():
     assert_same_selection(scores("normal", 1, 1, seed=3), 1, 0, 64)
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "extremes"])
+def test_rank_order_is_a_stable_descending_sort(monkeypatch, kind):
+    """rank_order (one flat sort of bit keys) = torch.sort's stable descending order, on several
+    rows, with ties, signed zeros (equal), denormals and the largest finite floats."""
+    g = torch.Generator().manual_seed(7)
+    R, S = 3, 500
+    if kind == "extremes":
+        pool = torch.tensor([3.4e38, -3.4e38, 1e-45, -1e-45, 0.0, -0.0, 1.0, -1.0, 1.5e-38])
+        x = pool[torch.randint(0, len(pool), (R, S), generator=g)]
+    elif kind == "zeros":
+        x = torch.where(torch.rand(R, S, generator=g) < 0.5, -0.0, 0.0)
+    else:
+        x = torch.randn(R, S, generator=g)
+        if kind == "ties":
+            x = (x * 3).round() / 2
+    want = torch.sort(x, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # pure PyTorch: runs on both
+    monkeypatch.setattr(gsel(), "FLAT_SORT_FROM", 1)  # the flat sort, at any length
+    assert torch.equal(gsel().rank_order(x.to(dev)).cpu(), want)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_interpreter_score_dtypes(monkeypatch, dtype, flat):
+    """Scores of every dtype give PyTorch's selection (bfloat16 and float16 ranked as float32,
+    float64 by its own sort), ties included (bfloat16 rounding makes many); rows sorted flat
+    (as long rows are) or one by one."""
+    _cpu_only()
+    if flat:
+        monkeypatch.setattr(gsel(), "FLAT_SORT_FROM", 1)
+    assert_same_selection(scores("normal", 2, 120, seed=5).to(dtype), 9, 4, 8)
+
+
 @settings(max_examples=8)
 @given(S=st.integers(1, 90), topk=st.integers(1, 50), window=st.integers(0, 8),
        block_m=st.sampled_from([1, 2, 8, 32]), kind=st.sampled_from(["normal", "ties", "plateau"]),

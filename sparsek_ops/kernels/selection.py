@@ -60,6 +60,9 @@ MAX_CHUNK = 4096
 PIVOTS = 8  # breakpoints tried per pass of the start search (passes ~ log_9(2S))
 START_BLOCK, START_WARPS = 512, 4  # chunk starts: positions per sorted block, warps
 START_GROUP = 64  # blocks searched at once by a chunk start
+# Rows this long or longer sort as one flat tensor (rank_order): PyTorch sorts rows of up to
+# 4096 in place, one block per row, faster than a flat sort there (measured on the H100).
+FLAT_SORT_FROM = 4097
 
 
 @functools.lru_cache(maxsize=64)
@@ -576,6 +579,27 @@ def _block_lists(
         tl.store(out + slot, -1, mask=slot < L)
 
 
+def rank_order(x: Tensor) -> Tensor:
+    """The positions of each row of x [R, S] (float32, finite) by score, descending, ties to the
+    earlier position: [R, S] int32, ``torch.sort(x, 1, descending=True, stable=True).indices``.
+
+    Rows of FLAT_SORT_FROM or more: one stable sort of the whole tensor on int64 keys (row, then
+    the score's bits mapped to an order-reversing unsigned 32-bit integer), because PyTorch
+    sorts a few long rows by a segmented scheme several times slower on a GPU (bench/NOTES.md,
+    session 10). -0.0 and 0.0 get one key, as they compare equal."""
+    R, S = x.shape
+    if S < FLAT_SORT_FROM:
+        return torch.sort(x, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    bits = (x + 0.0).view(torch.int32).to(torch.int64)  # x + 0.0 turns -0.0 into 0.0
+    # ascending float order as unsigned integers: negatives' bits all flipped, the others' sign
+    # bit set; then complemented for descending order
+    asc = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    rows = torch.arange(R, device=x.device, dtype=torch.int64)[:, None]
+    key = (rows << 32) | (0xFFFFFFFF - asc)
+    idx = torch.sort(key.view(-1), stable=True).indices.view(R, S)
+    return (idx - rows * S).to(torch.int32)
+
+
 def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: bool = True,
            list_width: int | None = None) -> Selection:
     """``selection.select`` on the GPU (or in the Triton interpreter): same fields, same values,
@@ -609,14 +633,13 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     # The first non-finite position of each row (S if none): it poisons every later prefix.
     first_bad = torch.where(bad, torch.arange(S, device=dev), S).amin(1).to(torch.int32)
     # Scores in rank order (descending, ties to the earlier position), then the breakpoints.
-    # float32 scores sort as float32 (the same order; half the radix passes of float64).
-    if u.dtype == torch.float32:
-        u32 = u.detach().reshape(R, S)
-        vals, order = torch.sort(torch.where(bad, 0.0, u32), dim=1, descending=True, stable=True)
-        vals = vals.to(torch.float64)
+    # Scores that float32 holds exactly (float32, bfloat16, float16) sort as float32: the same
+    # order, and half the radix passes of float64.
+    if u.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ps = rank_order(torch.where(bad, 0.0, u.detach().reshape(R, S).float()))
     else:
-        vals, order = torch.sort(uc, dim=1, descending=True, stable=True)
-    ps = order.to(torch.int32)
+        ps = torch.sort(uc, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    vals = uc.gather(1, ps.long())
     P = 2 * S
     rank = torch.empty(R, S, dtype=torch.int32, device=dev)
     bval = torch.empty(R, P, dtype=torch.float64, device=dev)
@@ -659,21 +682,24 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
 
 def _prefix_count(thr: Tensor, vals: Tensor, ps: Tensor, strict: bool) -> Tensor:
     """For every prefix n = 0..S: #{l < n : u_l >= thr[n]} (``> thr[n]`` if strict), thr [R, S+1]
-    non-decreasing in n. vals [R, S]: the scores (any order), ps their positions.
+    non-decreasing in n. vals [R, S]: the scores of a whole row, any order; ps their positions
+    (a permutation of 0..S-1).
 
     thr is monotone, so pair l counts for one range of prefixes, from l + 1 to the first n whose
-    threshold no longer admits it (``stop``): count(n) = #{starts <= n} - #{stops <= n}, two
-    sorts and searchsorted calls. No scatter, so it is deterministic (``scatter_add_`` on CUDA
-    is not).
+    threshold no longer admits it (``stop``): count(n) = #{l + 1 <= n} - #{stops <= n}, where the
+    first term is n (ps holds every position once); the second is a sort and a searchsorted.
+    No scatter, so it is deterministic (``scatter_add_`` on CUDA is not).
     """
     R, S1 = thr.shape
     stop = torch.searchsorted(thr.contiguous(), vals.contiguous(), right=not strict)
-    start = ps.long() + 1
-    stop = torch.maximum(stop, start)
+    stop = torch.maximum(stop, ps.long() + 1)  # in [1, S1]
+    if S1 <= FLAT_SORT_FROM:
+        stop = stop.sort(1).values
+    else:  # every row's stops sorted by one sort of the whole tensor (row-major keys), as rank_order
+        base = torch.arange(R, device=thr.device)[:, None] * (S1 + 1)
+        stop = (torch.sort((stop + base).view(-1)).values.view(R, -1) - base).contiguous()
     n = torch.arange(S1, device=thr.device).expand(R, S1).contiguous()
-    begun = torch.searchsorted(start.sort(1).values, n, right=True)
-    ended = torch.searchsorted(stop.sort(1).values, n, right=True)
-    return (begun - ended).to(torch.int32)
+    return (n - torch.searchsorted(stop, n, right=True)).to(torch.int32)
 
 
 def fractional_counts(vals: Tensor, ps: Tensor, tau_n: Tensor, window: int) -> Tensor:
