@@ -33,6 +33,13 @@ def breakdown(fn) -> dict[str, float]:
     return top
 
 
+def _chunks(S: int, k: int, rows: int) -> int:
+    """Chunks per row (also of a package copy from before the chunk length depended on the rows)."""
+    if hasattr(gsel, "live_per_chunk"):
+        return len(gsel._chunk_starts(S, k, gsel.live_per_chunk(S, k, rows))) - 1
+    return len(gsel._chunk_starts(S, k)) - 1
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, nargs="+", default=[4096, 32768, 131072])
@@ -40,8 +47,8 @@ def main():
     ap.add_argument("--pairs", nargs="+", default=["1024:1024"])
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--torch-max", type=int, default=32768, help="largest S to also time the PyTorch selection at")
-    ap.add_argument("--live", type=int, nargs="+", default=[gsel.LIVE_PER_CHUNK],
-                    help="LIVE_PER_CHUNK values to try (chunk length model)")
+    ap.add_argument("--live", type=int, nargs="+", default=[0],
+                    help="LIVE_PER_CHUNK values to try (chunk length model; 0: live_per_chunk's choice)")
     ap.add_argument("--start", nargs="+",
                     default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}:{getattr(gsel, 'START_GROUP', 0)}"],
                     help="chunk-start configs BLOCK:WARPS:PIVOTS[:GROUP] to try (positions per sorted block, "
@@ -58,13 +65,16 @@ def main():
                 gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = cfg[:3]
                 if len(cfg) > 3 and cfg[3]:  # (a copy from before the sorted blocks has no START_GROUP)
                     gsel.START_GROUP = cfg[3]
-                gsel.LIVE_PER_CHUNK = live
+                if live or hasattr(gsel, "live_per_chunk"):  # (an older copy keeps its own constant)
+                    gsel.LIVE_PER_CHUNK = live or None
                 gsel._chunk_starts.cache_clear()
                 gsel.chunk_starts.cache_clear()
                 bm = 64 if Hkv == 16 else 8
                 u = torch.randn(B, Hkv, S, device="cuda", generator=torch.Generator("cuda").manual_seed(S))
-                r = {"S": S, "B": B, "Hkv": Hkv, "topk": topk, "window": window, "block_m": bm, "live": live, "start": start,
-                     "chunks": len(gsel._chunk_starts(S, topk))}
+                r = {"S": S, "B": B, "Hkv": Hkv, "topk": topk, "window": window, "block_m": bm,
+                     "live": gsel.live_per_chunk(S, topk, B * Hkv) if hasattr(gsel, "live_per_chunk") else gsel.LIVE_PER_CHUNK,
+                     "start": start,
+                     "chunks": _chunks(S, topk, B * Hkv)}
                 r["triton_fwd_ms"] = do_bench(lambda: gsel.select(u, topk, window, bm, fractional=False),
                                               warmup=5, rep=50, return_mode="median")
                 r["triton_bwd_ms"] = do_bench(lambda: gsel.select(u, topk, window, bm, fractional=True),

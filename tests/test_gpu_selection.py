@@ -154,10 +154,28 @@ def test_interpreter_property(S, topk, window, block_m, kind, seed):
 def test_chunk_starts_cover_every_prefix_and_start_at_k_plus_1():
     g = gsel()
     for S, k in [(10, 3), (5000, 64), (32768, 1024), (100, 200)]:
-        st_ = g._chunk_starts(S, k)
-        assert st_[0] == 0 and list(st_) == sorted(set(st_)) and st_[-1] <= S
-        if k + 1 <= S:
-            assert k + 1 in st_
+        for live in (5, 32, 256):
+            st_ = g._chunk_starts(S, k, live)
+            assert st_[0] == 0 and list(st_) == sorted(set(st_)) and st_[-1] <= S
+            if k + 1 <= S:
+                assert k + 1 in st_
+
+
+def test_live_per_chunk_follows_the_row_count(monkeypatch):
+    """Many rows: long chunks (few programs each row); few rows: the shortest rung. The chosen
+    rung gives at least WALK_PROGRAMS programs, the next longer one fewer; LIVE_PER_CHUNK wins."""
+    g = gsel()
+    S, k = 32768, 1024
+    ladder = g.LIVE_LADDER
+    assert g.live_per_chunk(S, k, 2) == min(ladder)
+    assert g.live_per_chunk(S, k, 100000) == max(ladder)
+    live = g.live_per_chunk(S, k, 16)
+    n_chunks = lambda n: len(g._chunk_starts(S, k, n)) - 1  # noqa: E731
+    assert 16 * n_chunks(live) >= g.WALK_PROGRAMS
+    longer = [n for n in ladder if n > live]
+    assert not longer or 16 * n_chunks(min(longer)) < g.WALK_PROGRAMS
+    monkeypatch.setattr(g, "LIVE_PER_CHUNK", 7)
+    assert g.live_per_chunk(S, k, 16) == 7
 
 
 @pytest.mark.gpu

@@ -33,8 +33,8 @@ comes from sorts and searchsorted (``fractional_counts``): no syncs, no scatters
 
 Cost: one sort of the scores and one of every block of positions, O(S log S) to merge the
 breakpoints, O((a0 / block) log(block) + block) per pass of a chunk start (about
-(k/64)(1 + 3 ln(S/k)) chunks per row), and per chunk about
-``LIVE_PER_CHUNK`` live pairs of a few dependent memory round trips each. Measured numbers:
+(k/live)(1 + 3 ln(S/k)) chunks per row), and per chunk about ``live``
+(``live_per_chunk``) live pairs of a few dependent memory round trips each. Measured numbers:
 bench/NOTES.md ("GPU selection").
 """
 
@@ -52,9 +52,15 @@ from ..projection import F_SLACK
 from .. import selection as torch_selection
 from ..selection import Selection, candidate_counts
 
-# Chunking: about LIVE_PER_CHUNK pairs that change the selection per chunk, with the rough
-# model "a pair at prefix n is live with probability min(1, LIVE_RATE * k / n)".
-LIVE_PER_CHUNK = 128
+# Chunking: about `live` pairs that change the selection per chunk, with the rough model "a pair
+# at prefix n is live with probability min(1, LIVE_RATE * k / n)". Short chunks shorten the walk
+# (a chain of dependent steps per live pair) and add chunk starts; the best length depends on
+# how many rows share the GPU, so it is the longest of LIVE_LADDER that still gives about
+# WALK_PROGRAMS programs (chunks x rows), and the shortest rung where none does (``live_per_chunk``;
+# measured on the H100, bench/NOTES.md session 10). LIVE_PER_CHUNK, when set, overrides it.
+LIVE_PER_CHUNK: int | None = None
+LIVE_LADDER = (32, 48, 64, 80, 96, 112, 128, 192, 256)
+WALK_PROGRAMS = 2000
 LIVE_RATE = 3.0
 MAX_CHUNK = 4096
 PIVOTS = 8  # breakpoints tried per pass of the start search (passes ~ log_9(2S))
@@ -65,28 +71,38 @@ START_GROUP = 64  # blocks searched at once by a chunk start
 FLAT_SORT_FROM = 4097
 
 
-@functools.lru_cache(maxsize=64)
-def _chunk_starts(S: int, k: int) -> tuple[int, ...]:
-    """First prefix length of every chunk, covering n = 0 .. S. ``k + 1`` is always a start, so
-    the first finite threshold is solved from scratch, never walked into."""
+@functools.lru_cache(maxsize=256)
+def _chunk_starts(S: int, k: int, live: int) -> tuple[int, ...]:
+    """First prefix length of every chunk (about ``live`` live pairs each), covering n = 0 .. S.
+    ``k + 1`` is always a start, so the first finite threshold is solved from scratch, never
+    walked into."""
     starts = [0]
     a = 0
     while a <= S:
         if a <= k:
-            nxt = min(a + LIVE_PER_CHUNK, k + 1)
+            nxt = min(a + live, k + 1)
         else:
-            nxt = a + min(MAX_CHUNK, max(LIVE_PER_CHUNK, int(LIVE_PER_CHUNK * a / (LIVE_RATE * k))))
+            nxt = a + min(MAX_CHUNK, max(live, int(live * a / (LIVE_RATE * k))))
         if nxt <= S:
             starts.append(nxt)
         a = nxt
     return tuple(starts)
 
 
+def live_per_chunk(S: int, k: int, rows: int) -> int:
+    """Live pairs per chunk for ``rows`` rows of length S: LIVE_PER_CHUNK if set, else the
+    longest rung of LIVE_LADDER with at least WALK_PROGRAMS programs, else the shortest."""
+    if LIVE_PER_CHUNK is not None:
+        return LIVE_PER_CHUNK
+    fits = [n for n in LIVE_LADDER if rows * (len(_chunk_starts(S, k, n)) - 1) >= WALK_PROGRAMS]
+    return max(fits) if fits else min(LIVE_LADDER)
+
+
 @functools.lru_cache(maxsize=64)
-def chunk_starts(S: int, k: int, device: torch.device) -> Tensor:
+def chunk_starts(S: int, k: int, live: int, device: torch.device) -> Tensor:
     """[NC + 1] int32: chunk starts and S + 1 at the end. Cached per device, so that later calls
     copy nothing from the host (and can be captured in a CUDA graph)."""
-    return torch.tensor(list(_chunk_starts(S, k)) + [S + 1], dtype=torch.int32, device=device)
+    return torch.tensor(list(_chunk_starts(S, k, live)) + [S + 1], dtype=torch.int32, device=device)
 
 
 # S = 1 specialised to a constant broke triton 3.6's coalescing pass (PassManager::run failed).
@@ -649,7 +665,7 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     iu, iv, iur, ivr = (torch.empty(R, S, dtype=torch.int32, device=dev) for _ in range(4))
     _prepare[(triton.cdiv(S, 256), R)](vals, ps, rank, bval, bpos, btyp, bu, iu, iv, iur, ivr,
                                        S, BLK=256, STEPS=max(1, S.bit_length()), num_warps=4)
-    starts = chunk_starts(S, topk, dev)
+    starts = chunk_starts(S, topk, live_per_chunk(S, topk, R), dev)
     NC = starts.numel() - 1
     state_i = torch.empty(R, NC, 5, dtype=torch.int32, device=dev)
     state_f = torch.empty(R, NC, 4, dtype=torch.float64, device=dev)
