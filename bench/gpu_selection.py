@@ -49,10 +49,9 @@ def main():
     ap.add_argument("--torch-max", type=int, default=32768, help="largest S to also time the PyTorch selection at")
     ap.add_argument("--live", type=int, nargs="+", default=[0],
                     help="LIVE_PER_CHUNK values to try (chunk length model; 0: live_per_chunk's choice)")
-    ap.add_argument("--start", nargs="+",
-                    default=[f"{gsel.START_BLOCK}:{gsel.START_WARPS}:{gsel.PIVOTS}:{getattr(gsel, 'START_GROUP', 0)}"],
+    ap.add_argument("--start", nargs="+", default=["auto"],
                     help="chunk-start configs BLOCK:WARPS:PIVOTS[:GROUP] to try (positions per sorted block, "
-                         "warps, pivots per pass, blocks searched at once)")
+                         "warps, pivots per pass, blocks searched at once; at every S), or auto: the package's")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     rows = []
@@ -61,10 +60,12 @@ def main():
         for pair in args.pairs:
             topk, window = map(int, pair.split(":"))
             for Hkv, live, start in [(h, e, c) for h in args.kv for e in args.live for c in args.start]:
-                cfg = list(map(int, start.split(":")))
-                gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = cfg[:3]
-                if len(cfg) > 3 and cfg[3]:  # (a copy from before the sorted blocks has no START_GROUP)
-                    gsel.START_GROUP = cfg[3]
+                if start != "auto":
+                    cfg = list(map(int, start.split(":")))
+                    gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = cfg[:3]
+                    if len(cfg) > 3 and cfg[3]:  # (a copy from before the sorted blocks has no START_GROUP)
+                        gsel.START_GROUP = cfg[3]
+                    gsel.START_LONG_FROM = 1 << 62  # the given config at every S
                 if live or hasattr(gsel, "live_per_chunk"):  # (an older copy keeps its own constant)
                     gsel.LIVE_PER_CHUNK = live or None
                 gsel._chunk_starts.cache_clear()

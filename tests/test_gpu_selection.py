@@ -96,6 +96,17 @@ def test_interpreter_matches_pytorch_selection(monkeypatch, kind, S, topk, windo
         g.chunk_starts.cache_clear()
 
 
+def test_interpreter_long_row_start_config(monkeypatch):
+    """The chunk starts' long-row configuration (START_LONG_*), forced at a short length."""
+    _cpu_only()
+    g = gsel()
+    monkeypatch.setattr(g, "START_LONG_FROM", 1)
+    monkeypatch.setattr(g, "START_LONG_BLOCK", 32)
+    monkeypatch.setattr(g, "START_LONG_GROUP", 2)
+    monkeypatch.setattr(g, "LIVE_PER_CHUNK", 5)
+    assert_same_selection(scores("ties", 2, 150, seed=9), 7, 3, 8)
+
+
 def test_interpreter_nan_topk0_and_tiny():
     _cpu_only()
     u = scores("normal", 1, 40, seed=1)
@@ -183,6 +194,15 @@ def test_live_per_chunk_follows_the_row_count(monkeypatch):
 @pytest.mark.parametrize("S,topk,window,block_m", [(4096, 256, 256, 64), (20000, 1024, 1024, 8), (3000, 2999, 0, 16)])
 def test_gpu_matches_pytorch_selection(kind, S, topk, window, block_m):
     assert_same_selection(scores(kind, 3, S, seed=S, device="cuda"), topk, window, block_m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_gpu_long_rows_match_pytorch_selection(kind):
+    """Rows of 64K: the flat sorts and the long rows' chunk-start blocks (START_LONG_*)."""
+    S = 65536
+    assert S >= gsel().START_LONG_FROM and S >= gsel().FLAT_SORT_FROM
+    assert_same_selection(scores(kind, 2, S, seed=S, device="cuda"), 1024, 1024, 64)
 
 
 @pytest.mark.gpu

@@ -66,6 +66,9 @@ MAX_CHUNK = 4096
 PIVOTS = 8  # breakpoints tried per pass of the start search (passes ~ log_9(2S))
 START_BLOCK, START_WARPS = 512, 4  # chunk starts: positions per sorted block, warps
 START_GROUP = 64  # blocks searched at once by a chunk start
+# Rows of START_LONG_FROM or more: blocks of START_LONG_BLOCK, START_LONG_GROUP at once (about
+# 10-20% off the chunk starts at 64K and 128K on the H100; shorter rows preferred 512 / 64).
+START_LONG_FROM, START_LONG_BLOCK, START_LONG_GROUP = 65536, 1024, 32
 # Rows this long or longer sort as one flat tensor (rank_order): PyTorch sorts rows of up to
 # 4096 in place, one block per row, faster than a flat sort there (measured on the H100).
 FLAT_SORT_FROM = 4097
@@ -672,14 +675,14 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     # Blocks of START_BLOCK positions, each sorted by rank (so by score, descending), with the
     # running sums of their scores: every count or sum over a prefix of positions that a chunk
     # start asks for is a binary search per full block (_chunk_start).
-    PB = START_BLOCK
+    PB, NBG = (START_LONG_BLOCK, START_LONG_GROUP) if S >= START_LONG_FROM else (START_BLOCK, START_GROUP)
     NBLK = -(-S // PB)
     srank = torch.sort(F.pad(rank, (0, NBLK * PB - S), value=S).view(R * NBLK, PB), dim=1).values.view(R, -1)
     svals = F.pad(vals, (0, 1), value=float("-inf")).gather(1, srank.long())  # rank S: padding
     psum = torch.where(srank < S, svals, 0.0).view(R * NBLK, PB).cumsum(1).view(R, -1)
     _chunk_start[(NC, R)](
         uc, rank, srank, svals, psum, iur, ivr, bval, starts, state_i, state_f,
-        S, topk, NC, NBLK, PIV=PIVOTS, PB=PB, NBG=min(START_GROUP, triton.next_power_of_2(NBLK)),
+        S, topk, NC, NBLK, PIV=PIVOTS, PB=PB, NBG=min(NBG, triton.next_power_of_2(NBLK)),
         STEPS=PB.bit_length(), SLACK=F_SLACK, num_warps=START_WARPS,
     )
     tau_n = torch.empty(R, S + 1, dtype=torch.float64, device=dev)
