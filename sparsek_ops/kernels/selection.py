@@ -609,14 +609,14 @@ def rank_order(x: Tensor) -> Tensor:
     R, S = x.shape
     if S < FLAT_SORT_FROM:
         return torch.sort(x, dim=1, descending=True, stable=True).indices.to(torch.int32)
-    bits = (x + 0.0).view(torch.int32).to(torch.int64)  # x + 0.0 turns -0.0 into 0.0
-    # ascending float order as unsigned integers: negatives' bits all flipped, the others' sign
-    # bit set; then complemented for descending order
-    asc = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-    rows = torch.arange(R, device=x.device, dtype=torch.int64)[:, None]
-    key = (rows << 32) | (0xFFFFFFFF - asc)
-    idx = torch.sort(key.view(-1), stable=True).indices.view(R, S)
-    return (idx - rows * S).to(torch.int32)
+    b = (x + 0.0).view(torch.int32)  # x + 0.0 turns -0.0 into 0.0
+    # Read as unsigned, d falls as the score rises: non-negative scores' bits are reversed into
+    # [0, 2^31), negative ones keep theirs, which read as unsigned lie in [2^31, 2^32) and grow
+    # as the score falls. Key = row * 2^32 + unsigned(d), by int64 promotion.
+    d = torch.where(b >= 0, b ^ 0x7FFFFFFF, b)  # (xor: 0x7FFFFFFF - b without int32 overflow)
+    key = ((torch.arange(R, device=x.device)[:, None] + (d < 0)) << 32) + d
+    idx = torch.sort(key.view(-1), stable=True).indices
+    return torch.remainder(idx, S).view(R, S).to(torch.int32)
 
 
 def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: bool = True,
