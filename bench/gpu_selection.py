@@ -5,6 +5,8 @@
 For the standard workload (B * S = 32K tokens, at least B = 1): median ms of the whole selection
 (forward: no |F|; backward: with |F|), next to the PyTorch selection at the smaller sizes, and a
 per-kernel breakdown from torch.profiler. Block size 64 queries (Hkv = 16) or 8 (Hkv = 2, G = 8).
+The medians are wall times (do_bench), bound by the host's ~40 launches at these sizes and noisy
+between runs; the breakdown's "all kernels" is the GPU time, the number to compare versions by.
 """
 
 from __future__ import annotations
