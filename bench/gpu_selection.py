@@ -54,14 +54,23 @@ def main():
     ap.add_argument("--start", nargs="+", default=["auto"],
                     help="chunk-start configs BLOCK:WARPS:PIVOTS[:GROUP] to try (positions per sorted block, "
                          "warps, pivots per pass, blocks searched at once; at every S), or auto: the package's")
+    ap.add_argument("--walk", nargs="+", default=["auto"],
+                    help="walk configs TB:WARPS to try (prefixes per tile, warps per chunk), or auto: the package's")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     rows = []
+    knobs = ("START_BLOCK", "START_WARPS", "PIVOTS", "START_GROUP", "START_LONG_FROM", "WALK_TB", "WALK_WARPS")
+    defaults = {n: getattr(gsel, n) for n in knobs if hasattr(gsel, n)}  # "auto" puts these back
     for S in args.seqs:
         B = max(1, args.tokens // S)
         for pair in args.pairs:
             topk, window = map(int, pair.split(":"))
-            for Hkv, live, start in [(h, e, c) for h in args.kv for e in args.live for c in args.start]:
+            for Hkv, live, start, walk in [(h, e, c, w) for h in args.kv for e in args.live for c in args.start
+                                           for w in args.walk]:
+                for n, x in defaults.items():
+                    setattr(gsel, n, x)
+                if walk != "auto":
+                    gsel.WALK_TB, gsel.WALK_WARPS = map(int, walk.split(":"))
                 if start != "auto":
                     cfg = list(map(int, start.split(":")))
                     gsel.START_BLOCK, gsel.START_WARPS, gsel.PIVOTS = cfg[:3]
@@ -76,7 +85,7 @@ def main():
                 u = torch.randn(B, Hkv, S, device="cuda", generator=torch.Generator("cuda").manual_seed(S))
                 r = {"S": S, "B": B, "Hkv": Hkv, "topk": topk, "window": window, "block_m": bm,
                      "live": gsel.live_per_chunk(S, topk, B * Hkv) if hasattr(gsel, "live_per_chunk") else gsel.LIVE_PER_CHUNK,
-                     "start": start,
+                     "start": start, "walk": walk,
                      "chunks": _chunks(S, topk, B * Hkv)}
                 r["triton_fwd_ms"] = do_bench(lambda: gsel.select(u, topk, window, bm, fractional=False),
                                               warmup=5, rep=50, return_mode="median")

@@ -112,6 +112,18 @@ def test_interpreter_long_row_start_config(monkeypatch):
     assert_same_selection(scores("ties", 2, 150, seed=9), 7, 3, 8)
 
 
+@pytest.mark.parametrize("tb", [16, 64])
+def test_interpreter_walk_tiles(monkeypatch, tb):
+    """The walk with other tiles of prefixes (WALK_TB; 32 elsewhere), for bench/gpu_selection.py
+    --walk: the same selection."""
+    _cpu_only()
+    g = gsel()
+    monkeypatch.setattr(g, "WALK_TB", tb)
+    monkeypatch.setattr(g, "LIVE_PER_CHUNK", 9)
+    for kind in ("normal", "ties"):
+        assert_same_selection(scores(kind, 2, 170, seed=tb), 12, 5, 8)
+
+
 def test_interpreter_nan_topk0_and_tiny():
     _cpu_only()
     u = scores("normal", 1, 40, seed=1)

@@ -69,6 +69,9 @@ START_GROUP = 64  # blocks searched at once by a chunk start
 # Rows of START_LONG_FROM or more: blocks of START_LONG_BLOCK, START_LONG_GROUP at once (about
 # 10-20% off the chunk starts at 64K and 128K on the H100; shorter rows preferred 512 / 64).
 START_LONG_FROM, START_LONG_BLOCK, START_LONG_GROUP = 65536, 1024, 32
+# The walk: prefixes (and breakpoints, ranks) per tile, and warps per chunk. One warp and 32 are
+# the sizes every measurement so far used; bench/gpu_selection.py --walk TB:WARPS tries others.
+WALK_TB, WALK_WARPS = 32, 1
 # Rows this long or longer sort as one flat tensor (rank_order): PyTorch sorts rows of up to
 # 4096 in place, one block per row, faster than a flat sort there (measured on the H100).
 FLAT_SORT_FROM = 4097
@@ -691,7 +694,7 @@ def select(u: Tensor, topk: int, window: int, block_m: int = 64, fractional: boo
     evict = torch.full((R, S), S + window, dtype=torch.int32, device=dev)
     _walk[(NC, R)](
         uc, ps, rank, iu, iv, bval, bpos, btyp, bu, starts, state_i, state_f,
-        tau_n, tau, first_bad, k_n, evict, S, topk, window, NC, TB=32, SLACK=F_SLACK, num_warps=1,
+        tau_n, tau, first_bad, k_n, evict, S, topk, window, NC, TB=WALK_TB, SLACK=F_SLACK, num_warps=WALK_WARPS,
     )
     lists = torch.empty(R, NB, L, dtype=torch.int32, device=dev)
     _block_lists[(NB, R)](ps, rank, k_n, evict, lists, S, topk, window, NB, L, BMQ=block_m, BLK=128, num_warps=4)
