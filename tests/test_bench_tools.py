@@ -55,3 +55,43 @@ def test_report_writes_a_table_and_a_plot(tmp_path):
     assert lines[-1].startswith("| 8192 | 2 | 1 / 1 / 1 | 1 | 2 / 2 |") and "| 2.00x / 2.00x |" in lines[-1]
     gpu_bench.plot(rows, tmp_path / "p.png", "title")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/               @P0 BRA 0x50 ;
+        /*0030*/                   MUFU.EX2 R2, R2 ;
+        /*0040*/                   FMUL R2, R2, R3 ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, R120, gdesc[UR16], R24 ;
+        /*0060*/               @P1 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_sm90_loop_report_counts_a_loop_and_its_skippable_branch():
+    import sm90_build
+
+    (lp,) = sm90_build.loops(SASS)
+    assert (lp["start"], lp["end"], lp["instructions"], lp["MMA"], lp["MUFU"]) == ("0x10", "0x60", 6, 2, 1)
+    assert lp["skippable"] == 2  # the @P0 branch jumps over the MUFU and the FMUL
+    assert sm90_build.hot_loop(SASS)["loop_instructions"] == 6
+
+
+def test_sm90_build_compiles_the_slot_sweep_without_a_gpu():
+    """bench/sm90_build.py builds a kernel for the H100 with this machine's Triton (no device,
+    no interpreter) and reads its registers and matrix instructions back."""
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "sm90_build.py"), "slots", "--S", "3072", "--Hkv", "2",
+                          "--configs", "64:32:4:2"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = run.stdout.strip().splitlines()[-1].split(" | ")
+    header = run.stdout.strip().splitlines()[-2].split(" | ")
+    got = dict(zip(header, row))
+    assert got["kernel"] == "_bwd_slot_sweep" and 32 < int(got["regs"]) <= 255
+    assert int(got["HMMA"]) + int(got["HGMMA"]) > 0 and int(got["loop_MMA"]) > 0

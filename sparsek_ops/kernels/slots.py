@@ -47,6 +47,11 @@ from .common import block_shift32, clip01_num, load_rows, tile_rows
 # Launch config of the slot sweep (BS slots x BM query rows per tile): measured on the H100 at
 # S = 32K, D = 128 (bench/gpu_slots.py; wider tiles spill registers and run 2-3x slower).
 SLOTS_PER_TILE, SWEEP_WARPS, SWEEP_STAGES = 32, 4, 2
+# A register cap for the sweep's build (ptxas ``maxnreg``), None: the compiler's choice (255 at
+# the default tiles, so 2 programs = 8 warps per SM, and the loop is latency-bound: its
+# ~1070 instructions per block would issue in ~1.2 ms at 32K, the sweep takes ~4.2).
+# A lever for bench/gpu_slots.py's 5th config field, not yet timed.
+SWEEP_MAXNREG: int | None = None
 PROGRAMS_PER_SM = 16  # segments are added until about this many programs per SM (bench/gpu_slots.py)
 MIN_SEGMENT_BLOCKS = 4  # ... but a segment keeps at least this many query blocks
 
@@ -341,6 +346,8 @@ def add_selected_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse32:
     NZ = -(-NBQ // SEGB)
     NT = -(-NL // BS)
     launch = dict(meta, BS=BS, num_warps=SWEEP_WARPS, num_stages=SWEEP_STAGES)
+    if SWEEP_MAXNREG is not None:
+        launch["maxnreg"] = SWEEP_MAXNREG
     # Each pair's entry block, over consecutive positions (no slots needed there).
     _bwd_slot_sweep[(-(-S // BS), Hkv, B)](
         q, k, v, grad_out, lse32, shift, u64, tau, evict, frac, none, dk, dv, du, dk, dv, du, *strides,
