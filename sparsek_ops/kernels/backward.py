@@ -66,8 +66,8 @@ from . import selection_cache
 from .forward import config as forward_config
 from .selection import select_for
 from .slots import add_selected_grads
-from .common import (block_shift32, dot_width, in_interval, in_window, key_intervals, load_rows, queries_per_block,
-                     rows_per_tile, tile_rows, weights32, window_parts)
+from .common import (block_shift32, dot_width, in_interval, in_window, key_intervals, list_entries, load_rows,
+                     queries_per_block, rows_per_tile, tile_rows, weights32, window_parts)
 
 
 @triton.jit
@@ -135,30 +135,43 @@ def query_rows(
         n_sel = tl.load(COUNTS + r64 * NBQ + pid_m)
         for start in range(0, n_sel, BN):
             offs_n = start + tl.arange(0, BN)
-            j = tl.load(LISTS + (r64 * NBQ + pid_m) * L + offs_n, mask=offs_n < n_sel, other=-1)
-            valid = j >= 0
-            jc = tl.where(valid, j, 0)
+            # The list's row has L >= n_sel entries: offsets clamped into it instead of a masked
+            # load (whose mask the pipeline would carry to the scores' stage).
+            jr = tl.load(LISTS + (r64 * NBQ + pid_m) * L + tl.minimum(offs_n, L - 1))
+            jc, lo = list_entries(jr, offs_n < n_sel, window)
             jc64 = jc.to(tl.int64)
-            kj = tl.load(kbase + jc64[:, None] * sks + offs_d[None, :] * skd,
-                         mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            vj = tl.load(vbase + jc64[:, None] * svs + offs_dv[None, :] * svd,
-                         mask=valid[:, None] & (offs_dv[None, :] < DV_), other=0.0)
-            u_s = (tl.load(U + r64 * S + jc64, mask=valid, other=0.0) - shift32.to(tl.float64)).to(tl.float32)
-            lo, n = key_intervals(jc, valid, tl.load(EVICT + r64 * S + jc64, mask=valid, other=0), window)
-            sel = in_interval(qi, lo, n) & real[:, None]
-            f0 = tl.load(FRAC + (r64 * S + jc64) * 2, mask=valid, other=0)
-            f1 = tl.load(FRAC + (r64 * S + jc64) * 2 + 1, mask=valid, other=0)
-            # p is 0 off the selection, so a * p and ds * p vanish there (a poisoned row's lse
-            # and shift are NaN: its a and ds are NaN exactly where it selects).
-            p = tl.where(sel, weights32(u_s, tau_s), 0.0)
+            # Padding entries read position 0's key, value, score and ranges, as the forward's, and
+            # are masked by their lo, so p = 0 (masks on these loads cost a predicate per entry carried
+            # across the pipeline's stages: bits of general registers in the sm_90 build).
+            kj = tl.load(kbase + jc64[:, None] * sks + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
+            vj = tl.load(vbase + jc64[:, None] * svs + offs_dv[None, :] * svd, mask=offs_dv[None, :] < DV_,
+                         other=0.0)
+            u_s = (tl.load(U + r64 * S + jc64) - shift32.to(tl.float64)).to(tl.float32)
+            n = key_intervals(jc, tl.load(EVICT + r64 * S + jc64), window)
+            f0 = tl.load(FRAC + (r64 * S + jc64) * 2)
+            f1 = tl.load(FRAC + (r64 * S + jc64) * 2 + 1)
+            # T_i ∩ F_i is one interval of queries per pair, [f0, min(lo + n, f1)) (F's range
+            # starts at or after the selection's, lo: fractional_ranges): one compare per score
+            # later, as for the selection (empty for padding, whose lo + n is below 0).
+            f_n = tl.maximum(tl.minimum(lo + n, f1) - f0, 0)
+            # The selection mask is used once, here: p is 0 off the selection, so ds * p and the
+            # dq dot vanish there whatever a is, and the other tiles need no mask. (Keeping the
+            # mask for a and ds too held 2 x 16 booleans per thread across the dots: the sm_90
+            # build spilled them to bits of general registers, ~200 extra instructions per
+            # chunk; bench/sm90_build.py.) Padding rows need no mask either: rows never mix
+            # in this kernel, and theirs are not stored.
+            p = tl.where(in_interval(qi, lo, n), weights32(u_s, tau_s), 0.0)
             qk2 = tl.dot(q2, tl.trans(kj), input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(vj), input_precision=PRECISION)
-            a = tl.where(sel, tl.exp2(qk2 * p - lse2[:, None]), 0.0)
-            ds = tl.where(sel, a * (dp * p + sh[:, None]), 0.0)
+            # On the selection a <= 1 up to rounding (lse bounds every score); the clamp keeps a
+            # finite off it, where the exponent is -lse2 (p = 0), so that ds * p is 0 there. A
+            # poisoned row (lse, shift NaN) still gets NaN ds, and dq, through shift.
+            a = tl.exp2(tl.minimum(qk2 * p - lse2[:, None], 0.0))
+            ds = a * (dp * p + sh[:, None])
             dq += tl.dot((ds * p).to(kj.dtype), kj, input_precision=PRECISION)
             # dL/dp on T_i ∩ F_i only (F by the ranges |F_i| is counted from, FRAC); float32 over
             # the tile, float64 across tiles.
-            frac = sel & in_interval(qi, f0, tl.where(valid, f1 - f0, 0))
+            frac = in_interval(qi, f0, f_n)
             c_acc += tl.sum(tl.where(frac, a * dp + (qk2 * 0.6931471805599453) * ds, 0.0), 1).to(tl.float64)
     if HAS_WIN:
         # Window span of the block, positions [a, d) (``window_parts``): the chunks of [b, c) are

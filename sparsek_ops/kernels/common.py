@@ -118,12 +118,27 @@ def weights32(u_s, tau_s):
 
 
 @triton.jit
-def key_intervals(j, real_j, evict_j, window):
-    """Per key [BN]: pair j is selected by the queries ``lo <= i < lo + n`` (int32;
-    ``lo = j + window``, ``n = evict[j] - lo``; n = 0 for padding slots; ``selection.eviction``),
-    for ``in_interval`` and ``covers_block``."""
-    lo = j + window
-    return lo, tl.where(real_j, evict_j - lo, 0)
+def list_entries(jr, ok, window):
+    """Gather-list entries jr [BN] (int32, -1 for padding; ``ok`` [BN] false for entries read
+    past the list's end) as (position j [BN], lo [BN]): j clamped to 0 for padding (a real row
+    to read), and lo the first query that selects the pair, ``j + window``, or -2^30 for
+    padding, so that no query falls in its interval ``[lo, lo + n)`` (``key_intervals``:
+    n <= S) and ``covers_block`` is false.
+
+    Integers, not a boolean "real" mask: the pipelined loops carry these from the list's stage
+    to the loads' and the scores', and sm_90 builds kept carried boolean masks as bits of
+    general registers, three instructions to set and test each (bench/sm90_build.py; the
+    query kernel's selected loop went from 1012 to 733 instructions per chunk with this and its
+    mask changes)."""
+    return tl.maximum(jr, 0), tl.where((jr >= 0) & ok, jr + window, -(1 << 30))
+
+
+@triton.jit
+def key_intervals(j, evict_j, window):
+    """n [BN]: pair j is selected by the queries ``lo <= i < lo + n`` (int32; ``lo`` of
+    ``list_entries``, ``n = evict[j] - j - window``, clamped at 0; ``selection.eviction``), for
+    ``in_interval`` and ``covers_block``."""
+    return tl.maximum(evict_j - j - window, 0)
 
 
 @triton.jit

@@ -120,9 +120,8 @@ def fwd_rows(
         tau_s = (tau_i - shift.to(tl.float64)).to(tl.float32)
         for start in range(0, common.list_bound(LIST_ROW, L, NSAMP), BN):
             offs = start + tl.arange(0, BN)
-            jr = tl.load(LIST_ROW + offs, mask=offs < L, other=-1).to(tl.int32)
-            real_j = jr >= 0
-            j = tl.where(real_j, jr, 0)  # padding slots read position 0 and are masked
+            # padding slots read position 0 and are masked (by their lo)
+            j, lo = common.list_entries(tl.load(LIST_ROW + offs, mask=offs < L, other=-1).to(tl.int32), True, window)
             jo = j.to(tl.int64)
             kt = tl.load(kbase + jo[:, None] * sks + offs_d[None, :] * skd, mask=dmask, other=0.0)
             vt = tl.load(vbase + jo[:, None] * svs + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
@@ -136,7 +135,7 @@ def fwd_rows(
                 u_s = (u_j - shift.to(tl.float64)).to(tl.float32)
             else:
                 u_s = u_j - shift
-            lo, n = common.key_intervals(j, real_j, tl.load(EVICT_ROW + jo).to(tl.int32), window)
+            n = common.key_intervals(j, tl.load(EVICT_ROW + jo).to(tl.int32), window)
             p = common.weights32(u_s, tau_s)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * p
             if common.covers_block(lo, n, i0, i0 + BMQ) == 0:
