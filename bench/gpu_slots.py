@@ -1,5 +1,6 @@
 """The slot sweeps (kernels/slots.py: entry blocks, later blocks, parked sums) alone on the GPU:
-time per launch config (rows:slots:warps:stages), registers and spills of the main sweep, at the
+time per launch config (rows:slots:warps:stages[:maxnreg], the register cap
+``slots.SWEEP_MAXNREG``), registers and spills of the main sweep, at the
 standard workload. Diagnostics for tuning, not a regression benchmark.
 
     PYTHONPATH=$PWD python3 bench/gpu_slots.py [--S 32768] [--Hkv 16] [--slope 0] --out $OUT
@@ -54,11 +55,12 @@ def main():
         mod = importlib.import_module(name)
         extra = {f.split("=")[0]: bool(int(f.split("=")[1])) for f in flags}
         for cfg, pps in ((c, p) for c in a.configs.split(",") for p in a.programs_per_sm):
-            bm, bs, warps, stages = (int(x) for x in cfg.split(":"))
+            bm, bs, warps, stages, *cap = (int(x) for x in cfg.split(":"))
             if pps is not None:
                 mod.PROGRAMS_PER_SM = pps
             mod.SLOTS_PER_TILE = bs
             mod.SWEEP_WARPS, mod.SWEEP_STAGES = warps, stages
+            mod.SWEEP_MAXNREG = cap[0] if cap else None
             BM = max(bm, G)
             meta = dict(G=G, D=D, DV_=D, BD=D, BDV=D, BM=BM, PRECISION="tf32", num_stages=stages, **extra)
             dk = torch.zeros(R, S, D, device=dev)

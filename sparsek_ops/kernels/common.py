@@ -65,12 +65,6 @@ def clip01(x):
 
 
 @triton.jit
-def in_window(pos, real_pos, qi, window):
-    """[BM, BN] mask: position pos is in the window of query qi, ``qi - window < pos <= qi``."""
-    return real_pos[None, :] & (pos[None, :] <= qi[:, None]) & (pos[None, :] > qi[:, None] - window)
-
-
-@triton.jit
 def load_rows(Q, DO, LSE, SHIFT, b, h, qi, g, real, Hq, S,
                sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
                G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
@@ -150,8 +144,10 @@ def in_interval(qi, lo, n):
 
 @triton.jit
 def in_window_u32(pos, qi, window):
-    """[BM, BN] ``qi - window < pos <= qi`` in one unsigned compare (``in_window`` without its
-    ``real_pos`` term: for the rows that are stored, qi < S, so pos <= qi is inside the sequence)."""
+    """[BM, BN] mask: position pos is in the window of query qi, ``qi - window < pos <= qi``, in
+    one unsigned compare (pos > qi wraps around to a large difference). No "real" terms: a
+    position >= S is past every query < S, and a row the caller must exclude can sit at qi =
+    2^30, past every window."""
     return (qi[:, None] - pos[None, :]).to(tl.uint32, bitcast=True) < window
 
 
@@ -178,7 +174,7 @@ def list_bound(LIST_ROW, L, NSAMP: tl.constexpr):
 def window_parts(i0, BMQ: tl.constexpr, S, window, BN: tl.constexpr):
     """The window span of queries ``[i0, i0 + BMQ)``, positions ``[a, d)`` with
     ``a = max(0, i0 - window + 1)``, ``d = min(i0 + BMQ, S)``, cut in BN-chunks: ``[a, b)`` and
-    ``[c, d)`` need the ``in_window`` mask, the chunks of ``[b, c)`` are seen by every query of the
+    ``[c, d)`` need the ``in_window_u32`` mask, the chunks of ``[b, c)`` are seen by every query of the
     block (``i0 + BMQ - window <= pos <= i0``, all in ``[0, S)``) and need none. ``[a, b)`` may run
     past d (its keys are masked there). window >= 1."""
     a = tl.maximum(i0 - window + 1, 0)

@@ -169,19 +169,28 @@ def _sweep_block(Q, DO, LSE, SHIFT, TAU, k, v, uj, f0, f1, cur, ev, acc_k, acc_v
     shift32 = block_shift32(TAU + r64 * S, qb, S, BMQ)
     tau_s = (tl.load(TAU + r64 * S + tl.minimum(qi, S - 1)) - shift32.to(tl.float64)).to(tl.float32)
     u_s = (uj - shift32.to(tl.float64)).to(tl.float32)
-    selT = _in_interval_t(qi, lo, n)
-    pT = tl.where(selT, clip01_num(u_s[:, None] - tau_s[None, :]), 0.0)
-    qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
+    # Per slot, T_i ∩ F_i is one interval of queries, [max(lo, f0), min(lo + n, f1)): one
+    # compare per score, like the selection's.
+    f_lo = tl.maximum(lo, f0)
+    f_n = tl.maximum(tl.minimum(lo + n, f1) - f_lo, 0)
+    # Base 2 as the other kernels (q.k scaled by scale * log2(e) once, lse in base 2: exp2 is one
+    # instruction, exp a multiply, the instruction and a range fix-up). Weights, exponentials and
+    # t are computed unmasked (p is finite everywhere, NaN scores read as 0); the two products
+    # the dots take are selected, so a score off the selection adds an exact 0 whatever its
+    # exponential (inf or NaN there on a poisoned row: lse, shift NaN), and a poisoned row still
+    # gives NaN exactly where it selects. (A mask on p, a and t each: 4 selects per score.)
+    pT = clip01_num(u_s[:, None] - tau_s[None, :])
+    qk2T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * (scale * 1.4426950408889634)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    # a is masked again: lse is NaN on a poisoned query's row, and 0 * NaN is NaN there
-    aT = tl.where(selT, tl.exp(qkT * pT - lse[None, :]), 0.0)
-    tT = tl.where(selT, aT * (dpT * pT + sh[None, :]), 0.0)
-    acc_v += tl.dot((aT * pT).to(do.dtype), do, input_precision=PRECISION)
-    acc_k += tl.dot((tT * pT).to(q.dtype), q, input_precision=PRECISION)
+    aT = tl.exp2(qk2T * pT - (lse * 1.4426950408889634)[None, :])
+    tT = aT * (dpT * pT + sh[None, :])
+    selT = _in_interval_t(qi, lo, n)
+    acc_v += tl.dot(tl.where(selT, aT * pT, 0.0).to(do.dtype), do, input_precision=PRECISION)
+    acc_k += tl.dot(tl.where(selT, tT * pT, 0.0).to(q.dtype), q, input_precision=PRECISION)
     # dL/dp = a dp + qk a (p dp + shift) on T_i ∩ F_i (F by the ranges of FRAC, as |F_i|);
     # float32 over the block's rows, float64 across blocks
-    frT = selT & _in_interval_t(qi, f0, f1 - f0)
-    acc_u += tl.sum(tl.where(frT, aT * dpT + qkT * tT, 0.0), 1).to(tl.float64)
+    frT = _in_interval_t(qi, f_lo, f_n)
+    acc_u += tl.sum(tl.where(frT, aT * dpT + (qk2T * 0.6931471805599453) * tT, 0.0), 1).to(tl.float64)
     return acc_k, acc_v, acc_u
 
 
