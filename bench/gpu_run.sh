@@ -17,6 +17,11 @@
 #   bench      the GPU benchmark suite (bench/test_bench_gpu.py, compared with
 #              bench/baselines/), the GPU report (bench/gpu_bench.py), the decode benchmark
 #              (bench/gpu_decode.py) and compiled against eager (bench/gpu_compiled.py, 1.5 min)
+#   ab         after kernel changes, the lease's first call (not in quick or all): the step
+#              kernel by kernel (bench/profile_step.py, 32K, Hkv 16 and 2) for an older copy of the
+#              package in bench/_old (bash bench/ab_old.sh REV here, then carry ["bench/_old"])
+#              and for the working tree, in this one call, then bench/gpu_slots.py over
+#              SLOT_CONFIGS (about 6 minutes, most of it compiling)
 #   quick      backward + tests + lowering + bench; all (the default): every part, in that order.
 # Every log goes under $OUT, written as the tests run (a part cut off by the device's time limit
 # still leaves what it did); the last lines of each are printed at the end of its part. More
@@ -24,7 +29,7 @@
 # archive, $OUT/gpu_run_PART.tar.gz.
 set -uo pipefail
 part="${1:-all}"
-case "$part" in all|quick|backward|tests|lowering|checks|bench) ;; *) echo "unknown part: $part" >&2; exit 2;; esac
+case "$part" in all|quick|ab|backward|tests|lowering|checks|bench) ;; *) echo "unknown part: $part" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
@@ -37,7 +42,7 @@ import platform, torch, triton
 print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
 print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 PY
-has() { [ "$part" = all ] || [ "$part" = "$1" ] || { [ "$part" = quick ] && [ "$1" != checks ]; }; }
+has() { [ "$part" = "$1" ] || { [ "$1" != ab ] && { [ "$part" = all ] || { [ "$part" = quick ] && [ "$1" != checks ]; }; }; }; }
 BACKWARD="tests/test_triton_backward.py tests/test_gpu_stress.py"
 LOWERING="tests/test_lowering.py"
 # gpu_tests LOG FILES...: the GPU tests of FILES, logged to $OUT/LOG as they run.
@@ -45,6 +50,21 @@ gpu_tests() {
   local log="$OUT/$1"; shift
   python3 -m pytest -q -m gpu "$@" -p no:cacheprovider > "$log" 2>&1
 }
+if has ab; then
+  if [ -d bench/_old/sparsek_ops ]; then sides="old new"; else sides="new"; echo "no bench/_old: new side only"; fi
+  for side in $sides; do
+    path="$PYTHONPATH"; [ "$side" = old ] && path="$PWD/bench/_old:$PYTHONPATH"
+    for kv in 16 2; do
+      PYTHONPATH="$path" timeout 120 python3 bench/profile_step.py --S 32768 --Hkv "$kv" \
+        > "$OUT/profile_${side}_${kv}.log" 2>&1 || status=1
+      echo "== $side, Hkv $kv"; head -n 14 "$OUT/profile_${side}_${kv}.log"
+    done
+  done
+  # rows:slots:warps:stages[:maxnreg] (slots.SWEEP_MAXNREG): 3 programs per SM at a cap of 168
+  timeout 120 python3 bench/gpu_slots.py --configs "${SLOT_CONFIGS:-64:32:4:2,64:32:4:2:168,32:32:4:2,32:32:4:2:168,32:32:4:3:168}" \
+    --out "$OUT" > "$OUT/gpu_slots.log" 2>&1 || status=1
+  tail -n 8 "$OUT/gpu_slots.log"
+fi
 if has backward; then
   # two processes: the CUDA property suite compiles per shape, the stress test at 128K on its own
   gpu_tests gpu_tests_backward.log tests/test_triton_backward.py & p1=$!
