@@ -87,8 +87,9 @@ def test_sm90_build_compiles_the_slot_sweep_without_a_gpu():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root
-    run = subprocess.run([sys.executable, os.path.join(root, "bench", "sm90_build.py"), "slots", "--S", "3072", "--Hkv", "2",
-                          "--configs", "64:32:4:2"], capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, os.path.join(root, "bench", "sm90_build.py"), "slots", "--S", "3072", "--Hkv", "2",
+           "--configs", "64:32:4:2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     row = run.stdout.strip().splitlines()[-1].split(" | ")
     header = run.stdout.strip().splitlines()[-2].split(" | ")

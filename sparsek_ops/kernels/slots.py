@@ -49,8 +49,8 @@ from .common import block_shift32, clip01_num, load_rows, tile_rows
 SLOTS_PER_TILE, SWEEP_WARPS, SWEEP_STAGES = 32, 4, 2
 # A register cap for the sweep's build (ptxas ``maxnreg``), None: the compiler's choice (255 at
 # the default tiles, so 2 programs = 8 warps per SM, and the loop is latency-bound: its
-# ~1070 instructions per block would issue in ~1.2 ms at 32K, the sweep takes ~4.2).
-# A lever for bench/gpu_slots.py's 5th config field, not yet timed.
+# ~1000 instructions per block would issue in ~1.2 ms at 32K, the sweep took ~4.2). A lever for
+# bench/gpu_slots.py's 5th config field, not yet timed (bench/NOTES.md, session 11).
 SWEEP_MAXNREG: int | None = None
 PROGRAMS_PER_SM = 16  # segments are added until about this many programs per SM (bench/gpu_slots.py)
 MIN_SEGMENT_BLOCKS = 4  # ... but a segment keeps at least this many query blocks
