@@ -15,6 +15,7 @@ only the builds count. Install the triton of the GPU image (3.6) in a venv to ma
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy
     PYTHONPATH=$PWD /tmp/t36/bin/python bench/sm90_build.py slots --configs 64:32:4:2 32:64:4:2
     PYTHONPATH=$PWD /tmp/t36/bin/python bench/sm90_build.py step     # every kernel of a training step
+    PYTHONPATH=$PWD /tmp/t36/bin/python bench/sm90_build.py step --loops --ops 12   # each loop's length, top opcodes
 
 Never set TRITON_INTERPRET=1 here: the interpreter compiles nothing.
 """
@@ -166,18 +167,15 @@ def hot_loop(sass: str) -> dict:
         return {}
     body = best[1]
     n = lambda *ops: sum(o in ops for o in body)  # noqa: E731
-    if os.environ.get("SM90_LOOP_OPS"):
-        from collections import Counter
-
-        print(Counter(body).most_common(int(os.environ["SM90_LOOP_OPS"])))
     return dict(loop_instructions=len(body), loop_MMA=best[0], loop_LDL_STL=n("LDL", "STL"),
                 loop_MUFU=n("MUFU"), loop_global_loads=n("LDG", "LDGSTS"), loop_F64=n("DADD", "DMUL", "DFMA"))
 
 
-def loops(sass: str) -> list[dict]:
+def loops(sass: str, ops: int = 0) -> list[dict]:
     """Every loop (a backward branch's range) that holds matrix instructions: its address range,
     length, matrix and exp instructions, and the instructions its forward branches can skip
-    (an ``if`` inside it: the length of a pass that takes every such branch)."""
+    (an ``if`` inside it: the length of a pass that takes every such branch); with ``ops``, its
+    ``ops`` most frequent opcodes too (where a loop's instructions go)."""
     ins = _instructions(sass)
     out = []
     for addr, op, tgt in ins:
@@ -192,10 +190,14 @@ def loops(sass: str) -> list[dict]:
         out.append(dict(start=hex(tgt), end=hex(addr), instructions=len(body), MMA=mma,
                         MUFU=sum(o == "MUFU" for _, o, _ in body), LDL_STL=sum(o in ("LDL", "STL") for _, o, _ in body),
                         skippable=skip))
+        if ops:
+            from collections import Counter
+
+            out[-1]["top_ops"] = Counter(o for _, o, _ in body).most_common(ops)
     return out
 
 
-def report(built, label: str = "") -> list[dict]:
+def report(built, label: str = "", ops: int = 0) -> list[dict]:
     rows = []
     for name, k in built:
         if "sass" not in k.asm or not k.asm["sass"]:
@@ -204,7 +206,7 @@ def report(built, label: str = "") -> list[dict]:
             except (OSError, subprocess.CalledProcessError):
                 k.asm["sass"] = ""
         rows.append(dict(label=label, kernel=name, **resources(k), **hot_loop(k.asm["sass"]),
-                         loops=loops(k.asm["sass"])))
+                         loops=loops(k.asm["sass"], ops)))
     return rows
 
 
@@ -228,7 +230,7 @@ def _inputs(S: int, Hq: int, Hkv: int, D: int, dtype=torch.bfloat16, seed: int =
     return q, k, v, do, u
 
 
-def build_slots(configs: list[str], S: int, Hkv: int, variants: list[str]) -> list[dict]:
+def build_slots(configs: list[str], S: int, Hkv: int, variants: list[str], ops: int = 0) -> list[dict]:
     """The slot sweep (kernels/slots.py) at rows:slots:warps:stages configs, as gpu_slots.py
     times them; ``variants``: module[+FLAG=1...] as there."""
     import importlib
@@ -262,11 +264,11 @@ def build_slots(configs: list[str], S: int, Hkv: int, variants: list[str]) -> li
             with compile_only() as built:
                 mod.add_selected_grads(q, k, v, do, lse, shift, u64, tau.reshape(R, S), evict, frac, dk, dv, du,
                                        topk, window, D ** -0.5, meta)
-            rows += report([b for b in built if b[0] == "_bwd_slot_sweep"][-1:], f"{variant} {cfg}")
+            rows += report([b for b in built if b[0] == "_bwd_slot_sweep"][-1:], f"{variant} {cfg}", ops)
     return rows
 
 
-def build_step(S: int, Hkv: int) -> list[dict]:
+def build_step(S: int, Hkv: int, ops: int = 0) -> list[dict]:
     """Every kernel of one forward and backward through the Triton backend at the standard
     workload's tile choices (bf16, Hq 16, D 128, topk = window = 1024), the selection on the
     host. Each kernel once, as first built."""
@@ -301,7 +303,7 @@ def build_step(S: int, Hkv: int) -> list[dict]:
         if name not in seen:
             seen.add(name)
             first.append((name, k_))
-    return report(first, f"S={S} Hkv={Hkv}")
+    return report(first, f"S={S} Hkv={Hkv}", ops)
 
 
 def main():
@@ -312,12 +314,13 @@ def main():
     ap.add_argument("--S", type=int, default=4096, help="sequence length (only its divisibility reaches the build)")
     ap.add_argument("--Hkv", type=int, default=16)
     ap.add_argument("--loops", action="store_true", help="also list every loop with matrix instructions")
+    ap.add_argument("--ops", type=int, default=0, help="with --loops: each loop's N most frequent opcodes")
     a = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_{HOPPER[0]}", flush=True)
     if a.what == "slots":
-        rows = build_slots(a.configs, a.S, a.Hkv, a.variants)
+        rows = build_slots(a.configs, a.S, a.Hkv, a.variants, a.ops)
     else:
-        rows = build_step(a.S, a.Hkv)
+        rows = build_step(a.S, a.Hkv, a.ops)
     _print(rows)
     if a.loops:
         for r in rows:

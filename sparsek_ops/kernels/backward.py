@@ -71,7 +71,7 @@ from .common import (block_shift32, dot_width, in_interval, in_window_u32, key_i
 
 
 @triton.jit
-def _window_dq(q2, do, lse2, sh, qi, real, dq, start, hi, kbase, vbase, sks, skd, svs, svd, window,
+def _window_dq(q2, do, lse2, sh, qi, dq, start, hi, kbase, vbase, sks, skd, svs, svd, window,
                D: tl.constexpr, DV_: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """dq's part from the window keys start .. start + BN - 1 (below hi; MASKED: with the window
@@ -183,13 +183,13 @@ def query_rows(
             b_full = tl.maximum(c_full, d)
             c_full = b_full
         for start in range(a, b_full, BN):
-            dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
+            dq = _window_dq(q2, do, lse2, sh, qi, dq, start, d, kbase, vbase, sks, skd, svs, svd,
                             window, D, DV_, BD, BDV, BN, PRECISION, True)
         for start in range(b_full, c_full, BN):
-            dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
+            dq = _window_dq(q2, do, lse2, sh, qi, dq, start, d, kbase, vbase, sks, skd, svs, svd,
                             window, D, DV_, BD, BDV, BN, PRECISION, False)
         for start in range(c_full, d, BN):
-            dq = _window_dq(q2, do, lse2, sh, qi, real, dq, start, d, kbase, vbase, sks, skd, svs, svd,
+            dq = _window_dq(q2, do, lse2, sh, qi, dq, start, d, kbase, vbase, sks, skd, svs, svd,
                             window, D, DV_, BD, BDV, BN, PRECISION, True)
     return dq * scale, c_acc, qi, g, real
 

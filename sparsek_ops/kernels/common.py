@@ -122,7 +122,7 @@ def list_entries(jr, ok, window):
     Integers, not a boolean "real" mask: the pipelined loops carry these from the list's stage
     to the loads' and the scores', and sm_90 builds kept carried boolean masks as bits of
     general registers, three instructions to set and test each (bench/sm90_build.py; the
-    query kernel's selected loop went from 1012 to 733 instructions per chunk with this and its
+    query kernel's selected loop went from 1012 to 722 instructions per chunk with this and its
     mask changes)."""
     return tl.maximum(jr, 0), tl.where((jr >= 0) & ok, jr + window, -(1 << 30))
 
