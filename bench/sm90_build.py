@@ -151,50 +151,41 @@ def _instructions(sass: str) -> list[tuple[int, str]]:
     return out
 
 
-def hot_loop(sass: str) -> dict:
-    """The innermost loop that holds the most matrix instructions (a backward branch's range):
-    its length and counts per pass, where a kernel's time goes. Empty if no loop has any."""
-    ins = _instructions(sass)
-    best = None
-    for addr, op, tgt in ins:
-        if op != "BRA" or tgt is None or tgt >= addr:
-            continue
-        body = [o for a, o, _ in ins if tgt <= a <= addr]
-        mma = sum(o in ("HGMMA", "HMMA") for o in body)
-        if mma and (best is None or mma > best[0] or (mma == best[0] and len(body) < len(best[1]))):
-            best = (mma, body)
-    if best is None:
-        return {}
-    body = best[1]
-    n = lambda *ops: sum(o in ops for o in body)  # noqa: E731
-    return dict(loop_instructions=len(body), loop_MMA=best[0], loop_LDL_STL=n("LDL", "STL"),
-                loop_MUFU=n("MUFU"), loop_global_loads=n("LDG", "LDGSTS"), loop_F64=n("DADD", "DMUL", "DFMA"))
-
-
 def loops(sass: str, ops: int = 0) -> list[dict]:
     """Every loop (a backward branch's range) that holds matrix instructions: its address range,
-    length, matrix and exp instructions, and the instructions its forward branches can skip
-    (an ``if`` inside it: the length of a pass that takes every such branch); with ``ops``, its
-    ``ops`` most frequent opcodes too (where a loop's instructions go)."""
+    length, matrix, exp, local-memory, global-load and float64 instructions, and the
+    instructions its forward branches can skip (an ``if`` inside it: the length of a pass that
+    takes every such branch); with ``ops``, its ``ops`` most frequent opcodes too."""
     ins = _instructions(sass)
     out = []
     for addr, op, tgt in ins:
         if op != "BRA" or tgt is None or tgt >= addr:
             continue
         body = [(a, o, t) for a, o, t in ins if tgt <= a <= addr]
-        mma = sum(o in ("HGMMA", "HMMA") for _, o, _ in body)
+        n = lambda *names: sum(o in names for _, o, _ in body)  # noqa: E731
+        mma = n("HGMMA", "HMMA")
         if not mma:
             continue
         skip = sum(sum(1 for a2, _, _ in body if a < a2 < t) for a, o, t in body
                    if o == "BRA" and t is not None and a < t <= addr)
-        out.append(dict(start=hex(tgt), end=hex(addr), instructions=len(body), MMA=mma,
-                        MUFU=sum(o == "MUFU" for _, o, _ in body), LDL_STL=sum(o in ("LDL", "STL") for _, o, _ in body),
+        out.append(dict(start=hex(tgt), end=hex(addr), instructions=len(body), MMA=mma, MUFU=n("MUFU"),
+                        LDL_STL=n("LDL", "STL"), global_loads=n("LDG", "LDGSTS"), F64=n("DADD", "DMUL", "DFMA"),
                         skippable=skip))
         if ops:
             from collections import Counter
 
             out[-1]["top_ops"] = Counter(o for _, o, _ in body).most_common(ops)
     return out
+
+
+def hot_loop(sass: str) -> dict:
+    """Of ``loops``, the one with the most matrix instructions, the innermost (shortest) among
+    equals: where a kernel's time goes. Its counts as ``loop_*``; empty if no loop has any."""
+    found = loops(sass)
+    if not found:
+        return {}
+    best = max(found, key=lambda lp: (lp["MMA"], -lp["instructions"]))
+    return {f"loop_{k}": best[k] for k in ("instructions", "MMA", "LDL_STL", "MUFU", "global_loads", "F64")}
 
 
 def report(built, label: str = "", ops: int = 0) -> list[dict]:
@@ -243,10 +234,10 @@ def build_slots(configs: list[str], S: int, Hkv: int, variants: list[str], ops: 
     lse = torch.randn(1, Hq, S) + 8
     shift = torch.randn(1, Hq, S) * 0.01
     sel = select(u.double(), topk, window, 64, fractional=False)
-    tau = sel.tau.contiguous()
-    evict = sel.evict.clamp_max(S).to(torch.int32).reshape(R, S).contiguous()
+    tau = sel.tau.contiguous()  # [R, S]
+    evict = sel.evict.clamp_max(S).to(torch.int32).contiguous()
     u64 = u.reshape(R, S).double().contiguous()
-    f_lo, f_hi = fractional_ranges(tau.reshape(R, S), u64, window)
+    f_lo, f_hi = fractional_ranges(tau, u64, window)
     frac = torch.stack([f_lo, f_hi], -1).to(torch.int32).contiguous()
     rows = []
     for variant in variants:
@@ -262,7 +253,7 @@ def build_slots(configs: list[str], S: int, Hkv: int, variants: list[str], ops: 
             dv = torch.zeros(R, S, D)
             du = torch.zeros(R, S, dtype=torch.float64)
             with compile_only() as built:
-                mod.add_selected_grads(q, k, v, do, lse, shift, u64, tau.reshape(R, S), evict, frac, dk, dv, du,
+                mod.add_selected_grads(q, k, v, do, lse, shift, u64, tau, evict, frac, dk, dv, du,
                                        topk, window, D ** -0.5, meta)
             rows += report([b for b in built if b[0] == "_bwd_slot_sweep"][-1:], f"{variant} {cfg}", ops)
     return rows
@@ -272,11 +263,10 @@ def build_step(S: int, Hkv: int, ops: int = 0) -> list[dict]:
     """Every kernel of one forward and backward through the Triton backend at the standard
     workload's tile choices (bf16, Hq 16, D 128, topk = window = 1024), the selection on the
     host. Each kernel once, as first built."""
-    from sparsek_ops.kernels import backward as kb
-    from sparsek_ops.kernels import forward as kf
-
     import dataclasses
 
+    from sparsek_ops.kernels import backward as kb
+    from sparsek_ops.kernels import forward as kf
     from sparsek_ops.kernels import selection as ks
 
     Hq, D, topk, window = 16, 128, 1024, 1024
@@ -288,16 +278,14 @@ def build_step(S: int, Hkv: int, ops: int = 0) -> list[dict]:
         sel = torch_select(*args, **kwargs)
         return dataclasses.replace(sel, evict=sel.evict.to(torch.int32), block_index=sel.block_index.to(torch.int32))
 
-    patched = [(m, "select_for") for m in (kf, kb) if hasattr(m, "select_for")]
-    for m, name in patched:
-        setattr(m, name, gpu_like)
+    # forward and backward each imported select_for by name
+    kf.select_for = kb.select_for = gpu_like
     try:
         with compile_only() as built:
             out, lse = kf.forward(q, k, v, u, topk, window, D ** -0.5)
             kb.backward(do, None, q, k, v, u, out, lse, topk, window, D ** -0.5)
     finally:
-        for m, name in patched:
-            setattr(m, name, torch_select)
+        kf.select_for = kb.select_for = torch_select
     seen, first = set(), []
     for name, k_ in built:
         if name not in seen:
